@@ -1,0 +1,1 @@
+"""Agent Gateway control plane: the REST API that deploys agents to gateways."""

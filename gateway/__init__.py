@@ -1,0 +1,1 @@
+"""Agent Gateway data plane: enforces endpoint authentication and proxies to agents."""

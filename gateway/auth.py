@@ -1,0 +1,71 @@
+"""Endpoint authentication as the proxy sees it: one authenticator per route.
+
+An authenticator is built once, when a policy is applied, and called for
+every request of its route. It either returns the identity headers to add
+upstream or raises :class:`AuthFailure`, which carries the full answer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Protocol
+
+__all__ = ["AuthFailure", "Authenticator", "Identity", "NoAuth", "NO_IDENTITY"]
+
+
+class AuthFailure(Exception):
+    """A request that authentication refuses; carries the exact answer."""
+
+    def __init__(
+        self,
+        status: int,
+        error: str,
+        message: str,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.error = error
+        self.message = message
+        self.headers = dict(headers or {})
+
+
+class Identity:
+    """Headers the gateway adds upstream for an authenticated caller."""
+
+    __slots__ = ("headers",)
+
+    def __init__(self, headers: tuple[tuple[str, str], ...] = ()) -> None:
+        self.headers = headers
+
+
+NO_IDENTITY = Identity()
+
+
+class Authenticator(Protocol):
+    """Checks one request's credentials for one route.
+
+    ``strip`` holds the lower-case names of request headers that never go
+    upstream for this route (credential headers that are not forwarded, and
+    every identity header the gateway sets, so a caller cannot spoof them).
+    """
+
+    strip: frozenset[str]
+
+    async def authenticate(self, headers: Mapping[str, str]) -> Identity: ...
+
+
+class NoAuth:
+    """Endpoint authentication ``none``."""
+
+    strip = frozenset(
+        {
+            "x-auth-subject",
+            "x-auth-issuer",
+            "x-auth-identity-provider",
+            "x-auth-api-key-name",
+        }
+    )
+
+    async def authenticate(self, headers: Mapping[str, str]) -> Identity:
+        return NO_IDENTITY
