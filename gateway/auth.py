@@ -10,7 +10,26 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Protocol
 
-__all__ = ["AuthFailure", "Authenticator", "Identity", "NoAuth", "NO_IDENTITY"]
+from multidict import CIMultiDictProxy
+
+__all__ = [
+    "IDENTITY_HEADERS",
+    "NO_IDENTITY",
+    "AuthFailure",
+    "Authenticator",
+    "Identity",
+    "NoAuth",
+]
+
+#: Request headers only the gateway may set; any copy a caller sends is removed.
+IDENTITY_HEADERS = frozenset(
+    {
+        "x-auth-subject",
+        "x-auth-issuer",
+        "x-auth-identity-provider",
+        "x-auth-api-key-name",
+    }
+)
 
 
 class AuthFailure(Exception):
@@ -52,20 +71,13 @@ class Authenticator(Protocol):
 
     strip: frozenset[str]
 
-    async def authenticate(self, headers: Mapping[str, str]) -> Identity: ...
+    async def authenticate(self, headers: CIMultiDictProxy[str]) -> Identity: ...
 
 
 class NoAuth:
     """Endpoint authentication ``none``."""
 
-    strip = frozenset(
-        {
-            "x-auth-subject",
-            "x-auth-issuer",
-            "x-auth-identity-provider",
-            "x-auth-api-key-name",
-        }
-    )
+    strip = IDENTITY_HEADERS
 
-    async def authenticate(self, headers: Mapping[str, str]) -> Identity:
+    async def authenticate(self, headers: CIMultiDictProxy[str]) -> Identity:
         return NO_IDENTITY
