@@ -38,7 +38,9 @@ __all__ = [
 AuthType = Literal["oauth", "api_key", "none"]
 
 
-class OAuthSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+class OAuthSettings(
+    msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True
+):
     """How an agent accepts OAuth bearer tokens."""
 
     identity_providers: list[str]
@@ -48,13 +50,17 @@ class OAuthSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     forward_token: bool = True
 
 
-class ApiKeySettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+class ApiKeySettings(
+    msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True
+):
     """How an agent accepts API keys."""
 
     header_name: str = "X-API-Key"
 
 
-class EndpointAuth(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+class EndpointAuth(
+    msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True
+):
     """The one endpoint authentication method of a deployment."""
 
     type: AuthType

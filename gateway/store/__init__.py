@@ -127,7 +127,9 @@ class Store(Protocol):
         """
         ...
 
-    async def heartbeat(self, environment: str, worker: WorkerInfo, ttl_s: float) -> None:
+    async def heartbeat(
+        self, environment: str, worker: WorkerInfo, ttl_s: float
+    ) -> None:
         """Record a worker as live until ``ttl_s`` seconds from now."""
         ...
 
