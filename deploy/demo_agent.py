@@ -22,7 +22,8 @@ async def chat(request: web.Request) -> web.Response:
     try:
         message = json.loads(body or b"{}").get("message", "")
     except (ValueError, AttributeError):
-        raise web.HTTPBadRequest(text='{"error": "body must be a JSON object"}') from None
+        error = {"error": "bad_request", "message": "body must be a JSON object"}
+        return web.json_response(error, status=400)
     return web.json_response(
         {
             "reply": f"You said: {message}",
