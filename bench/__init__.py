@@ -1,0 +1,1 @@
+"""Benchmarks of the gateway: setup through the control plane, load, scale."""
