@@ -1,0 +1,565 @@
+"""OAuth endpoint authentication: bearer JWTs checked against identity providers.
+
+:class:`IdentityProviders` holds every identity provider of the environment
+with its keys; :class:`OAuthAuthenticator` enforces one route's settings.
+:func:`diagnose` runs the very same validation for the control plane and
+reports each check instead of failing on the first one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+from collections.abc import Callable, Mapping
+
+import aiohttp
+import msgspec
+from multidict import CIMultiDictProxy
+from prometheus_client import Counter
+
+from gateway.auth import IDENTITY_HEADERS, AuthFailure, Identity
+from gateway.jwks import (
+    FETCH_TIMEOUT_S,
+    REFETCH_COOLDOWN_S,
+    Keyring,
+    KeySet,
+    KeySource,
+)
+from gateway.policy import IdentityProviderPolicy, OAuthSettings
+from gateway.tokens import (
+    ALGORITHMS,
+    Claims,
+    ParsedToken,
+    TokenError,
+    VerificationKey,
+    check_algorithm_allowed,
+    check_algorithm_supported,
+    check_audience,
+    check_times,
+    extract_token,
+    parse_token,
+    read_claims,
+    read_issuer,
+    verify_signature,
+)
+
+__all__ = [
+    "REALM",
+    "Check",
+    "Diagnosis",
+    "IdentityProviders",
+    "IdpState",
+    "OAuthAuthenticator",
+    "TokenCache",
+    "diagnose",
+]
+
+REALM = "agent-gateway"
+
+# --- metrics ----------------------------------------------------------------
+
+OAUTH_REQUESTS = Counter(
+    "agw_oauth_requests",
+    "OAuth-protected requests by outcome and, when denied, the failed check.",
+    ["outcome", "reason"],
+)
+JWKS_FETCHES = Counter(
+    "agw_jwks_fetches",
+    "JWK set fetches by identity provider and result.",
+    ["identity_provider", "result"],
+)
+TOKEN_CACHE = Counter(
+    "agw_token_cache",
+    "Verified-token cache lookups by result.",
+    ["result"],
+)
+
+_ALLOWED = OAUTH_REQUESTS.labels("allowed", "")
+_DENIED = {
+    reason: OAUTH_REQUESTS.labels("denied", reason)
+    for reason in (
+        "missing",
+        "duplicate_header",
+        "unavailable",
+        "format",
+        "algorithm",
+        "issuer",
+        "key",
+        "signature",
+        "expiry",
+        "not_before",
+        "audience",
+    )
+}
+_CACHE_HIT = TOKEN_CACHE.labels("hit")
+_CACHE_MISS = TOKEN_CACHE.labels("miss")
+
+
+def _count_fetch(idp: str, ok: bool) -> None:
+    JWKS_FETCHES.labels(idp, "ok" if ok else "error").inc()
+
+
+# --- identity providers -----------------------------------------------------
+
+
+class KeysUnavailable(Exception):
+    """An identity provider that has never had keys and could not get them."""
+
+
+class IdpState:
+    """One identity provider as applied: its policy, precomputed, and its keys."""
+
+    __slots__ = ("algorithms", "audiences", "issuer", "keyring", "name", "skew")
+
+    def __init__(
+        self, name: str, policy: IdentityProviderPolicy, keyring: Keyring
+    ) -> None:
+        self.name = name
+        self.issuer = policy.issuer
+        self.keyring = keyring
+        self.skew = policy.clock_skew_s
+        self.audiences = frozenset(policy.audiences)
+        allowed = policy.algorithms or ALGORITHMS
+        self.algorithms = frozenset(a for a in allowed if a in ALGORITHMS)
+
+
+class IdentityProviders:
+    """Every identity provider of a worker, with keys kept precompiled."""
+
+    def __init__(
+        self,
+        *,
+        cooldown_s: float = REFETCH_COOLDOWN_S,
+        timeout_s: float = FETCH_TIMEOUT_S,
+    ) -> None:
+        self.version = 0
+        self.cache = TokenCache()
+        self._states: dict[str, IdpState] = {}
+        self._policies: dict[str, IdentityProviderPolicy] = {}
+        self._cooldown_s = cooldown_s
+        self._timeout_s = timeout_s
+        self._session: aiohttp.ClientSession | None = None
+        self._retiring: set[asyncio.Task[None]] = set()
+
+    def get(self, name: str) -> IdpState | None:
+        return self._states.get(name)
+
+    def apply(self, name: str, policy: IdentityProviderPolicy | None) -> None:
+        """Install, change or remove an identity provider (``None`` removes)."""
+        old = self._states.get(name)
+        if policy is None:
+            self._remove(name, old)
+            return
+        if old is not None and self._policies.get(name) == policy:
+            return
+        keyring = self._keyring(name, policy, old)
+        self._states[name] = IdpState(name, policy, keyring)
+        self._policies[name] = policy
+        self.version += 1
+        self._start(keyring)
+
+    def _remove(self, name: str, old: IdpState | None) -> None:
+        if old is None:
+            return
+        del self._states[name]
+        del self._policies[name]
+        self.version += 1
+        self._retire(old.keyring)
+
+    def _keyring(
+        self, name: str, policy: IdentityProviderPolicy, old: IdpState | None
+    ) -> Keyring:
+        source = KeySource(
+            policy.issuer, policy.jwks_uri, policy.jwks, policy.discovery
+        )
+        if old is not None and old.keyring.source == source:
+            # Same key source: keep the keys (and their verified tokens).
+            old.keyring.refresh_s = policy.jwks_refresh_s
+            return old.keyring
+        if old is not None:
+            self._retire(old.keyring)
+        return Keyring(
+            name,
+            source,
+            self._client,
+            refresh_s=policy.jwks_refresh_s,
+            timeout_s=self._timeout_s,
+            cooldown_s=self._cooldown_s,
+            on_fetch=_count_fetch,
+        )
+
+    def _start(self, keyring: Keyring) -> None:
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return  # started on first use instead
+        keyring.start()
+
+    def _retire(self, keyring: Keyring) -> None:
+        try:
+            task = asyncio.get_running_loop().create_task(keyring.close())
+        except RuntimeError:
+            return
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    async def _client(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession()
+        return self._session
+
+    async def close(self) -> None:
+        for state in self._states.values():
+            await state.keyring.close()
+        await asyncio.gather(*self._retiring, return_exceptions=True)
+        if self._session is not None:
+            await self._session.close()
+
+
+# --- verified tokens --------------------------------------------------------
+
+
+class Verified:
+    """A token whose signature was verified, and with what."""
+
+    __slots__ = ("claims", "identity", "key", "state")
+
+    def __init__(self, state: IdpState, key: VerificationKey, claims: Claims) -> None:
+        self.state = state
+        self.key = key
+        self.claims = claims
+        headers = [
+            ("X-Auth-Issuer", claims.iss),
+            ("X-Auth-Identity-Provider", state.name),
+        ]
+        if claims.sub is not None:
+            headers.insert(0, ("X-Auth-Subject", claims.sub))
+        self.identity = Identity(tuple(headers))
+
+    def still_trusted(self, state: IdpState | None) -> bool:
+        """Same identity provider policy, and the key is still published."""
+        return state is self.state and self.key in state.keyring.keys.keys
+
+
+class TokenCache:
+    """Verified tokens of one worker, bounded in entries and in bytes.
+
+    Only the signature verdict is reused: time and audience checks run on
+    every hit, and a changed identity provider or key set voids the entry.
+    Rejections are not cached; they cost one parse and at most one verify.
+    """
+
+    ENTRY_OVERHEAD = 512
+
+    def __init__(self, max_entries: int = 10_000, max_bytes: int = 16 << 20) -> None:
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self._entries: dict[str, Verified] = {}
+        self._bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, token: str) -> Verified | None:
+        return self._entries.get(token)
+
+    def put(self, token: str, verified: Verified) -> None:
+        if token in self._entries:
+            return
+        self._entries[token] = verified
+        self._bytes += len(token) + self.ENTRY_OVERHEAD
+        while len(self._entries) > self.max_entries or self._bytes > self.max_bytes:
+            self.discard(next(iter(self._entries)))
+
+    def discard(self, token: str) -> None:
+        if self._entries.pop(token, None) is not None:
+            self._bytes -= len(token) + self.ENTRY_OVERHEAD
+
+
+# --- validation -------------------------------------------------------------
+
+
+class Route:
+    """An identity provider selected by a deployment, with its audiences."""
+
+    __slots__ = ("audiences", "state")
+
+    def __init__(self, state: IdpState, audiences: frozenset[str]) -> None:
+        self.state = state
+        self.audiences = audiences
+
+
+Trace = Callable[[str, str], None]
+
+
+def build_routes(settings: OAuthSettings, idps: IdentityProviders) -> dict[str, Route]:
+    """Issuer -> route for a deployment's selected identity providers.
+
+    Two selected providers with one issuer would be ambiguous; the first
+    one named in the deployment wins.
+    """
+    deployment = frozenset(settings.audiences)
+    routes: dict[str, Route] = {}
+    for name in settings.identity_providers:
+        state = idps.get(name)
+        if state is not None and state.issuer not in routes:
+            routes[state.issuer] = Route(state, deployment or state.audiences)
+    return routes
+
+
+async def verify(
+    token: str, routes: Mapping[str, Route], now: float, trace: Trace | None = None
+) -> Verified:
+    """Every check of a token, in order; raises TokenError on the first failure."""
+    parsed = parse_token(token)
+    _note(trace, "format", f"JWS compact, alg {parsed.alg}")
+    check_algorithm_supported(parsed.alg)
+
+    route = routes.get(read_issuer(parsed.claims))
+    if route is None:
+        raise TokenError("issuer", "token issuer not accepted")
+    state = route.state
+    _note(trace, "issuer", state.name)
+
+    check_algorithm_allowed(parsed.alg, state.algorithms)
+    _note(trace, "algorithm", f"{parsed.alg} allowed")
+
+    key = _verify_signature(parsed, await _candidates(state.keyring, parsed), trace)
+    claims = read_claims(parsed.claims, state.issuer)
+    check_times(claims, now, state.skew)
+    _note(trace, "expiry", f"expires in {claims.exp - now:.0f} s")
+    _note(trace, "not_before", "valid now")
+
+    check_audience(claims, route.audiences)
+    _note(trace, "audience", _audience_detail(route.audiences))
+    return Verified(state, key, claims)
+
+
+def _note(trace: Trace | None, check: str, detail: str) -> None:
+    if trace is not None:
+        trace(check, detail)
+
+
+def _audience_detail(audiences: frozenset[str]) -> str:
+    if not audiences:
+        return "not checked: no audience configured"
+    return "matches one of " + ", ".join(sorted(audiences))
+
+
+async def _candidates(
+    keyring: Keyring, parsed: ParsedToken
+) -> tuple[VerificationKey, ...]:
+    keys = await _loaded(keyring)
+    found = keys.candidates(parsed.alg, parsed.kid)
+    if not found and parsed.kid is not None and not keys.has_kid(parsed.kid):
+        keys = await keyring.refetch_for(parsed.kid)
+        found = keys.candidates(parsed.alg, parsed.kid)
+    if not found:
+        what = "unknown key" if parsed.kid is not None else "no key fits"
+        raise TokenError("key", f"{what} for the token's algorithm")
+    return found
+
+
+async def _loaded(keyring: Keyring) -> KeySet:
+    keys = keyring.keys
+    if not keys.loaded:
+        keys = await keyring.ensure_loaded()
+        if not keys.loaded:
+            raise KeysUnavailable(keyring.idp)
+    return keys
+
+
+def _verify_signature(
+    parsed: ParsedToken, keys: tuple[VerificationKey, ...], trace: Trace | None
+) -> VerificationKey:
+    if parsed.kid is not None:
+        _note(trace, "key", f"kid {parsed.kid!r}")
+    else:
+        _note(trace, "key", f"{len(keys)} candidate key(s), no kid")
+    for key in keys:
+        if verify_signature(parsed.alg, key, parsed.signing_input, parsed.signature):
+            _note(trace, "signature", "verified")
+            return key
+    raise TokenError("signature", "invalid signature")
+
+
+# --- answers ----------------------------------------------------------------
+
+
+def _quoted(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"')
+
+
+@functools.lru_cache(maxsize=256)
+def _challenge(error: str, description: str) -> str:
+    return (
+        f'Bearer realm="{REALM}", error="{error}", '
+        f'error_description="{_quoted(description)}"'
+    )
+
+
+def _invalid(exc: TokenError) -> AuthFailure:
+    _DENIED[exc.check].inc()
+    header = _challenge("invalid_token", exc.description)
+    return AuthFailure(
+        401,
+        "invalid_token",
+        f"Invalid bearer token: {exc.description}",
+        {"WWW-Authenticate": header},
+    )
+
+
+def _missing() -> AuthFailure:
+    _DENIED["missing"].inc()
+    return AuthFailure(
+        401,
+        "unauthorized",
+        "Bearer token required",
+        {"WWW-Authenticate": f'Bearer realm="{REALM}"'},
+    )
+
+
+def _duplicate(header: str) -> AuthFailure:
+    _DENIED["duplicate_header"].inc()
+    description = f"more than one {header} header"
+    return AuthFailure(
+        400,
+        "invalid_request",
+        f"Malformed request: {description}",
+        {"WWW-Authenticate": _challenge("invalid_request", description)},
+    )
+
+
+def _unavailable() -> AuthFailure:
+    _DENIED["unavailable"].inc()
+    return AuthFailure(
+        503,
+        "auth_unavailable",
+        "The identity provider's keys are not available yet; try again shortly",
+        {"Retry-After": "5"},
+    )
+
+
+# --- the authenticator ------------------------------------------------------
+
+
+class OAuthAuthenticator:
+    """Endpoint authentication ``oauth`` for one deployment."""
+
+    def __init__(self, settings: OAuthSettings, idps: IdentityProviders) -> None:
+        self._settings = settings
+        self._idps = idps
+        self._cache = idps.cache
+        self._header = settings.header_name
+        self._prefix = settings.auth_header_prefix.strip().lower()
+        strip = set(IDENTITY_HEADERS)
+        if not settings.forward_token:
+            strip.add(settings.header_name.lower())
+        self.strip = frozenset(strip)
+        self._routes = build_routes(settings, idps)
+        self._version = idps.version
+
+    def _current_routes(self) -> dict[str, Route]:
+        # Rebuilt once after an identity provider changes, not per request.
+        if self._version != self._idps.version:
+            self._routes = build_routes(self._settings, self._idps)
+            self._version = self._idps.version
+        return self._routes
+
+    async def authenticate(self, headers: CIMultiDictProxy[str]) -> Identity:
+        token = self._token(headers)
+        routes = self._current_routes()
+        now = time.time()
+        try:
+            verified = self._cached(token, routes, now)
+            if verified is None:
+                verified = await verify(token, routes, now)
+                self._cache.put(token, verified)
+        except TokenError as exc:
+            raise _invalid(exc) from None
+        except KeysUnavailable:
+            raise _unavailable() from None
+        _ALLOWED.inc()
+        return verified.identity
+
+    def _token(self, headers: CIMultiDictProxy[str]) -> str:
+        try:
+            token = extract_token(headers.getall(self._header, []), self._prefix)
+        except ValueError:
+            raise _duplicate(self._header) from None
+        except TokenError as exc:
+            raise _invalid(exc) from None
+        if token is None:
+            raise _missing()
+        return token
+
+    def _cached(
+        self, token: str, routes: Mapping[str, Route], now: float
+    ) -> Verified | None:
+        entry = self._cache.get(token)
+        if entry is None:
+            _CACHE_MISS.inc()
+            return None
+        route = routes.get(entry.claims.iss)
+        if route is None or not entry.still_trusted(route.state):
+            _CACHE_MISS.inc()
+            self._cache.discard(token)
+            return None
+        _CACHE_HIT.inc()
+        check_times(entry.claims, now, route.state.skew)
+        check_audience(entry.claims, route.audiences)
+        return entry
+
+
+# --- diagnosis --------------------------------------------------------------
+
+
+class Check(msgspec.Struct, frozen=True):
+    """One validation check as diagnosis reports it."""
+
+    name: str
+    ok: bool
+    detail: str
+
+
+class Diagnosis(msgspec.Struct, frozen=True):
+    """What the gateway would decide for a token, check by check."""
+
+    valid: bool
+    failed_check: str | None
+    reason: str | None
+    identity_provider: str | None
+    subject: str | None
+    checks: list[Check]
+
+
+async def diagnose(
+    token: str, settings: OAuthSettings, idps: IdentityProviders
+) -> Diagnosis:
+    """Run the gateway's validation on ``token`` for a deployment's settings.
+
+    The token never appears in the result, nor in any log line.
+    """
+    checks: list[Check] = []
+
+    def trace(name: str, detail: str) -> None:
+        if name == "issuer":
+            detail = f"identity provider {detail}"
+        checks.append(Check(name, True, detail))
+
+    routes = build_routes(settings, idps)
+    try:
+        verified = await verify(token.strip(" \t"), routes, time.time(), trace)
+    except TokenError as exc:
+        return _failed(checks, exc.check, exc.description)
+    except KeysUnavailable:
+        return _failed(checks, "key", "identity provider keys are unavailable")
+    return Diagnosis(True, None, None, verified.state.name, verified.claims.sub, checks)
+
+
+def _failed(checks: list[Check], name: str, reason: str) -> Diagnosis:
+    issuer = next((c for c in checks if c.name == "issuer"), None)
+    idp = issuer.detail.removeprefix("identity provider ") if issuer else None
+    checks.append(Check(name, False, reason))
+    return Diagnosis(False, name, reason, idp, None, checks)
