@@ -1,0 +1,71 @@
+"""The control-plane application: middlewares, state and every resource's routes."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from types import ModuleType
+from typing import Any
+
+import aiohttp
+import msgspec
+from aiohttp import web
+
+from controlplane import (
+    deployments,
+    environments,
+    gateways,
+    identity_providers,
+    openapi,
+    projects,
+)
+from controlplane.admin import admin_auth_middleware
+from controlplane.errors import error_middleware
+from controlplane.routing import Route, register
+from controlplane.state import HTTP_CLIENT, OPENAPI, ROUTES, SETTINGS, STORE, Settings
+from gateway.store import Store
+
+__all__ = ["MAX_BODY_BYTES", "RESOURCES", "create_app"]
+
+#: Resource modules, each exposing ``routes``; a new resource is one more entry.
+RESOURCES: tuple[ModuleType, ...] = (
+    environments,
+    identity_providers,
+    projects,
+    deployments,
+    gateways,
+    openapi,
+)
+
+#: The largest request body accepted (inline JWK sets are the largest bodies).
+MAX_BODY_BYTES = 1024 * 1024
+
+
+async def _http_client(app: web.Application) -> AsyncIterator[None]:
+    """One client session for outgoing calls (OpenID discovery)."""
+    async with aiohttp.ClientSession() as session:
+        app[HTTP_CLIENT] = session
+        yield
+
+
+def create_app(store: Store, admin_token: str) -> web.Application:
+    """The control-plane API on ``store``, open only to ``admin_token``."""
+    if not admin_token:
+        raise ValueError("an admin token is required")
+
+    # The error middleware is outermost so that it also answers auth failures.
+    app = web.Application(
+        middlewares=[error_middleware, admin_auth_middleware],
+        client_max_size=MAX_BODY_BYTES,
+    )
+    app[STORE] = store
+    app[SETTINGS] = Settings(admin_token=admin_token)
+    routes: list[Route[Any]] = []
+    app[ROUTES] = routes
+
+    for module in RESOURCES:
+        register(app, module.routes)
+        routes.extend(module.routes)
+    app[OPENAPI] = msgspec.json.encode(openapi.build_document(routes))
+
+    app.cleanup_ctx.append(_http_client)
+    return app
