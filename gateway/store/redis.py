@@ -28,7 +28,7 @@ import re
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, cast
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode
 
 import msgspec
 import redis.asyncio as aioredis
@@ -162,8 +162,10 @@ return redis.call('HVALS', KEYS[1])
 
 def split_prefix(url: str) -> tuple[str, str]:
     """Split a store URL into the URL for redis-py and the key prefix."""
-    parts = urlsplit(url)
-    query = parse_qsl(parts.query, keep_blank_values=True)
+    # Split by hand: urlunsplit would turn ``unix:///path`` into ``unix:/path``.
+    base, _, rest = url.partition("?")
+    query_text, hash_mark, fragment = rest.partition("#")
+    query = parse_qsl(query_text, keep_blank_values=True)
     prefixes = [value for name, value in query if name == "prefix"]
     prefix = prefixes[-1] if prefixes else DEFAULT_PREFIX
     if not _PREFIX_RE.fullmatch(prefix):
@@ -171,8 +173,8 @@ def split_prefix(url: str) -> tuple[str, str]:
             "the store URL's prefix must be 1-64 letters, digits, '_', '.' or '-'"
         )
 
-    rest = urlencode([(name, value) for name, value in query if name != "prefix"])
-    return urlunsplit(parts._replace(query=rest)), prefix
+    kept = urlencode([(name, value) for name, value in query if name != "prefix"])
+    return base + ("?" + kept if kept else "") + hash_mark + fragment, prefix
 
 
 class RedisStore:
