@@ -3,7 +3,7 @@
 ``/stream`` sends ``events`` Server-Sent Events ``interval_ms`` apart (query
 parameters), each carrying the monotonic clock of the moment it was written,
 so a client on the same host can tell how long each event took to arrive.
-Every other path answers a short 200.
+Every other path answers a short 200 whose body is the request's path.
 
     python -m bench.upstreams --port 9100
 """
@@ -41,8 +41,9 @@ async def stream(request: web.Request) -> web.StreamResponse:
 
 
 async def answer(request: web.Request) -> web.Response:
+    """A short 200 naming the path it was asked for (tells upstreams apart)."""
     await request.read()
-    return web.Response(text="ok")
+    return web.Response(text=request.path)
 
 
 def create_app() -> web.Application:
