@@ -186,7 +186,7 @@ class EmbeddedStore:
             return await loop.run_in_executor(
                 self._executor, lambda: operation(self._connection())
             )
-        except sqlite3.OperationalError as exc:
+        except (sqlite3.OperationalError, OSError) as exc:
             raise StoreUnavailable(f"embedded store: {exc}") from exc
 
     def _connection(self) -> sqlite3.Connection:

@@ -405,8 +405,10 @@ def _parse_changes(environment: str, after: int, reply: Any) -> list[Change]:
     if not reply:
         return []
 
+    # RESP2 answers [[stream, entries]]; RESP3 (``protocol=3``) {stream: [entries]}.
+    entries = reply[0][1] if isinstance(reply, list) else next(iter(reply.values()))[0]
     changes = []
-    for entry_id, fields in reply[0][1]:
+    for entry_id, fields in entries:
         revision = int(entry_id.split(b"-", 1)[0])
         changes.append(
             Change(revision=revision, writes=_decode_writes(fields[b"writes"]))

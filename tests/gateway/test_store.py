@@ -91,6 +91,20 @@ async def test_store_scan_empty_prefix_lists_everything(store: Store) -> None:
     assert list((await store.scan("")).items()) == [("a", b"1"), ("b", b"2")]
 
 
+async def test_store_keys_and_values_are_taken_literally(store: Store) -> None:
+    keys = ["x/[a", "x/(b", "x/*", "x/%_", "x/a\\b", "x/-", "x/+", "x/\u00ff"]
+    for n, key in enumerate(keys):
+        await store.put(key, bytes([0, 255, n]))
+    await store.put("x", b"outside")
+
+    assert await store.scan("x/[") == {"x/[a": bytes([0, 255, 0])}
+    assert await store.scan("x/") == {
+        key: bytes([0, 255, n])
+        for n, key in sorted(enumerate(keys), key=lambda kv: kv[1])
+    }
+    assert await store.get("x/*") == bytes([0, 255, 2])
+
+
 async def test_store_commit_bumps_revision_by_one_per_call(store: Store) -> None:
     assert await store.revision("dev") == 0
 
