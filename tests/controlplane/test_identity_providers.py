@@ -1,0 +1,148 @@
+"""Identity providers: the body rules, the idp policy they commit, deletion."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+import pytest
+
+from controlplane.models import ALGORITHMS
+from gateway.policy import IdentityProviderPolicy, decode_policy
+from gateway.store import Store
+from tests.controlplane.conftest import TIME, Client, add_idp, call, setup_agent
+
+IDP = "/environments/dev/identity-providers/corp"
+JWK = {"kty": "EC", "crv": "P-256", "x": "f83O", "y": "x_FE", "kid": "k1"}
+
+
+@pytest.fixture
+async def dev(api: Client) -> Client:
+    await call(api, "PUT", "/environments/dev", {"gateway_url": "http://g"})
+    return api
+
+
+async def test_identity_provider_put_fills_defaults_and_commits_policy(
+    dev: Client, store: Store
+) -> None:
+    body = {"issuer": "https://idp.example.com/realms/a", "discovery": True}
+    status, answer = await call(dev, "PUT", IDP, body)
+    assert status == 201
+    assert answer == {
+        "name": "corp",
+        "issuer": "https://idp.example.com/realms/a",
+        "jwks_uri": None,
+        "jwks": None,
+        "discovery": True,
+        "audiences": [],
+        "algorithms": list(ALGORITHMS),
+        "clock_skew_s": 30.0,
+        "jwks_refresh_s": 300.0,
+        "revision": 1,
+        "created_at": TIME,
+        "updated_at": TIME,
+    }
+
+    snapshot = await store.snapshot("dev")
+    assert snapshot.revision == 1
+    assert decode_policy("idp/corp", snapshot.policies["idp/corp"]) == (
+        IdentityProviderPolicy(
+            name="corp",
+            issuer="https://idp.example.com/realms/a",
+            discovery=True,
+            algorithms=list(ALGORITHMS),
+        )
+    )
+
+
+async def test_identity_provider_update_list_read_delete(
+    dev: Client, store: Store
+) -> None:
+    body = {
+        "issuer": "https://idp.example.com",
+        "jwks": {"keys": [JWK]},
+        "audiences": ["agents-api"],
+        "algorithms": ["ES256"],
+        "clock_skew_s": 5,
+        "jwks_refresh_s": 60,
+    }
+    assert (await call(dev, "PUT", IDP, body))[0] == 201
+    status, updated = await call(dev, "PUT", IDP, body)
+    assert (status, updated["revision"]) == (200, 2)
+    assert updated["jwks"] == {"keys": [JWK]}
+
+    status, listed = await call(dev, "GET", "/environments/dev/identity-providers")
+    assert (status, listed) == (200, {"identity_providers": [updated]})
+    assert await call(dev, "GET", IDP) == (200, updated)
+
+    status, deleted = await call(dev, "DELETE", IDP)
+    assert status == 200
+    assert deleted == {
+        "revision": 3,
+        "propagation": {"revision": 3, "live": 0, "applied": 0, "pending": []},
+    }
+    assert "idp/corp" not in (await store.snapshot("dev")).policies
+    assert (await call(dev, "GET", IDP))[0] == 404
+    assert (await call(dev, "DELETE", IDP))[0] == 404
+
+
+async def test_identity_provider_unknown_environment_is_404(api: Client) -> None:
+    body = {"issuer": "https://i.example", "discovery": True}
+    status, answer = await call(api, "PUT", IDP, body)
+    assert status == 404
+    assert answer["details"] == {"kind": "environment", "name": "dev"}
+
+
+_BAD: list[tuple[dict[str, Any], str]] = [
+    ({"issuer": "https://i.example"}, "$.jwks_uri"),
+    ({"issuer": "https://i.example", "discovery": True, "jwks_uri": "https://k"}, "$.discovery"),
+    ({"issuer": "https://i.example", "jwks_uri": "https://k", "jwks": {"keys": [JWK]}}, "$.jwks"),
+    ({"issuer": "not a url", "discovery": True}, "$.issuer"),
+    ({"issuer": "https://i.example#frag", "discovery": True}, "$.issuer"),
+    ({"issuer": "https://i.example", "jwks_uri": "/certs"}, "$.jwks_uri"),
+    ({"issuer": "https://i.example", "discovery": True, "algorithms": ["HS256"]}, "$.algorithms[0]"),
+    ({"issuer": "https://i.example", "discovery": True, "algorithms": ["none"]}, "$.algorithms[0]"),
+    ({"issuer": "https://i.example", "discovery": True, "algorithms": []}, "$.algorithms"),
+    ({"issuer": "https://i.example", "discovery": True, "clock_skew_s": -1}, "$.clock_skew_s"),
+    ({"issuer": "https://i.example", "discovery": True, "jwks_refresh_s": 0}, "$.jwks_refresh_s"),
+    ({"issuer": "https://i.example", "discovery": True, "audiences": [""]}, "$.audiences[0]"),
+    ({"issuer": "https://i.example", "discovery": True, "scopes": []}, "$.scopes"),
+    ({"issuer": "https://i.example", "jwks": {"keys": []}}, "$.jwks.keys"),
+    ({"issuer": "https://i.example", "jwks": {"keys": [{"x": 1}]}}, "$.jwks.keys[0]"),
+    ({"issuer": "https://i.example", "jwks": {"keys": [JWK, {**JWK, "d": "secret"}]}}, "$.jwks.keys[1]"),
+    ({"issuer": "https://i.example", "jwks": {"keys": [{"kty": "oct", "k": "c2VjcmV0"}]}}, "$.jwks.keys[0]"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("body", "field"), _BAD)
+async def test_identity_provider_bad_body_is_422_naming_the_field(
+    dev: Client, body: dict[str, Any], field: str
+) -> None:
+    status, answer = await call(dev, "PUT", IDP, body)
+    assert status == 422
+    assert answer["details"] == {"field": field, "in": "body"}
+    assert "secret" not in msgspec.json.encode(answer).decode()
+
+
+async def test_identity_provider_delete_in_use_is_409_naming_agents(
+    api: Client, store: Store
+) -> None:
+    await setup_agent(api)
+    await setup_agent(api, agent="other")
+    await add_idp(api)
+    auth = {"type": "oauth", "oauth": {"identity_providers": ["corp"]}}
+    for agent in ("helper", "other"):
+        path = f"/projects/shop/agents/{agent}/deployments"
+        body = {"environment": "dev", "endpoint_auth": auth}
+        assert (await call(api, "POST", path, body))[0] == 201
+    revision = await store.revision("dev")
+
+    status, answer = await call(api, "DELETE", IDP)
+    assert status == 409
+    assert answer == {
+        "error": "identity_provider_in_use",
+        "message": "Identity provider 'corp' is used by: shop/helper, shop/other",
+        "details": {"agents": ["shop/helper", "shop/other"]},
+    }
+    assert await store.revision("dev") == revision
+    assert "idp/corp" in (await store.snapshot("dev")).policies
