@@ -199,6 +199,34 @@ async def test_store_concurrent_commits_from_two_instances_lose_none(
     ]
 
 
+async def test_store_expectations_let_one_racing_creator_win(
+    store: Store, store_location: str
+) -> None:
+    other = open_store(store_location)
+
+    async def create(target: Store, n: int) -> int | None:
+        try:
+            return await target.commit(
+                "dev",
+                records={"projects/p": str(n).encode()},
+                expect={"projects/p": None},
+            )
+        except StoreConflict:
+            return None
+
+    try:
+        results = await asyncio.gather(
+            *(create(store if n % 2 else other, n) for n in range(10))
+        )
+    finally:
+        await other.close()
+
+    winners = [n for n, revision in enumerate(results) if revision is not None]
+    assert len(winners) == 1
+    assert await store.get("projects/p") == str(winners[0]).encode()
+    assert await store.revision("dev") == 1
+
+
 async def test_store_follow_yields_commits_of_another_instance(
     store: Store, store_location: str
 ) -> None:
