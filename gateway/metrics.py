@@ -11,10 +11,13 @@ from __future__ import annotations
 from prometheus_client import Counter, Gauge, Histogram
 
 __all__ = [
+    "JWKS_FETCHES",
+    "OAUTH_REQUESTS",
     "POLICY_CHANGES",
     "POLICY_REVISION",
     "REQUESTS",
     "STORE_UP",
+    "TOKEN_CACHE",
     "UPSTREAM_LATENCY",
     "RouteMetrics",
     "UNROUTED",
@@ -72,3 +75,23 @@ class RouteMetrics:
 
 #: Requests that matched no deployed agent.
 UNROUTED = RouteMetrics("", "")
+
+# --- OAuth endpoint authentication (gateway/oauth.py, gateway/jwks.py) --------
+
+OAUTH_REQUESTS = Counter(
+    "agw_oauth_requests",
+    "OAuth-protected requests by outcome and, when denied, the failed check.",
+    ["outcome", "reason"],
+)
+
+JWKS_FETCHES = Counter(
+    "agw_jwks_fetches",
+    "JWK set fetches by identity provider and result.",
+    ["identity_provider", "result"],
+)
+
+TOKEN_CACHE = Counter(
+    "agw_token_cache",
+    "Verified-token cache lookups by result.",
+    ["result"],
+)

@@ -16,7 +16,6 @@ from collections.abc import Callable, Mapping
 import aiohttp
 import msgspec
 from multidict import CIMultiDictProxy
-from prometheus_client import Counter
 
 from gateway.auth import IDENTITY_HEADERS, AuthFailure, Identity
 from gateway.jwks import (
@@ -26,6 +25,7 @@ from gateway.jwks import (
     KeySet,
     KeySource,
 )
+from gateway.metrics import JWKS_FETCHES, OAUTH_REQUESTS, TOKEN_CACHE
 from gateway.policy import IdentityProviderPolicy, OAuthSettings
 from gateway.tokens import (
     ALGORITHMS,
@@ -58,22 +58,6 @@ __all__ = [
 REALM = "agent-gateway"
 
 # --- metrics ----------------------------------------------------------------
-
-OAUTH_REQUESTS = Counter(
-    "agw_oauth_requests",
-    "OAuth-protected requests by outcome and, when denied, the failed check.",
-    ["outcome", "reason"],
-)
-JWKS_FETCHES = Counter(
-    "agw_jwks_fetches",
-    "JWK set fetches by identity provider and result.",
-    ["identity_provider", "result"],
-)
-TOKEN_CACHE = Counter(
-    "agw_token_cache",
-    "Verified-token cache lookups by result.",
-    ["result"],
-)
 
 _ALLOWED = OAUTH_REQUESTS.labels("allowed", "")
 _DENIED = {
