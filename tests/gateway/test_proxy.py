@@ -1,0 +1,335 @@
+"""The proxy against a running gateway process, its store and a real test agent."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import socket
+from collections.abc import AsyncIterator
+
+import aiohttp
+import pytest
+
+from gateway.store import Store, open_store
+from tests.fixtures.stack import (
+    AgentProcess,
+    GatewayFactory,
+    GatewayProcess,
+    commit_agent,
+    free_port,
+)
+
+
+@pytest.fixture
+async def redis_store(redis_url: str) -> AsyncIterator[Store]:
+    store = open_store(redis_url)
+    yield store
+    await store.close()
+
+
+@pytest.fixture
+async def gateway(
+    gateway_factory: GatewayFactory,
+    redis_url: str,
+    redis_store: Store,
+    environment: str,
+    upstream_agent: AgentProcess,
+) -> GatewayProcess:
+    """A one-worker gateway with agent p/a deployed (auth none) and applied."""
+    await commit_agent(redis_store, environment, "p", "a", upstream_agent.url)
+    return await gateway_factory(store=redis_url, environment=environment)
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(auto_decompress=False) as session:
+        yield session
+
+
+def _headers(echo: dict[str, object]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for name, value in echo["headers"]:  # type: ignore[attr-defined]
+        out.setdefault(name.lower(), []).append(value)
+    return out
+
+
+async def test_proxy_forwards_method_path_query_and_body(
+    gateway: GatewayProcess, http: aiohttp.ClientSession
+) -> None:
+    url = aiohttp.client.URL(
+        f"{gateway.url}/p/a/chat/%7Eme/x%2Fy?q=1&r=%2F", encoded=True
+    )
+    async with http.post(url, data=b"hello") as response:
+        assert response.status == 200
+        echo = await response.json()
+
+    assert echo["agent"] == "agent"
+    assert echo["method"] == "POST"
+    assert echo["path"] == "/chat/~me/x%2Fy"
+    assert echo["query"] == "q=1&r=%2F"
+    assert echo["body"] == "hello"
+
+
+async def test_proxy_forwards_dot_segment_free_path(
+    gateway: GatewayProcess, http: aiohttp.ClientSession
+) -> None:
+    url = f"{gateway.url}/p/a/x/%2e%2e/y/./z"
+    async with http.get(aiohttp.client.URL(url, encoded=True)) as response:
+        echo = await response.json()
+
+    assert echo["path"] == "/y/z"
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/p/b/chat",
+        "/q/a/chat",
+        "/p/a%2Fchat",
+        "/p%2Fa/chat",
+        "/p/a%2E%2E/chat",
+        "/p/%2e%2e/p/a",
+        "//p/a/chat",
+    ],
+)
+async def test_proxy_unknown_agent_is_404(
+    gateway: GatewayProcess, http: aiohttp.ClientSession, path: str
+) -> None:
+    url = aiohttp.client.URL(gateway.url + path, encoded=True)
+    async with http.get(url) as response:
+        assert response.status == 404
+        assert await response.json() == {
+            "error": "not_found",
+            "message": "No agent is deployed here",
+        }
+
+
+async def test_proxy_sets_forwarded_headers_and_removes_hop_by_hop(
+    gateway: GatewayProcess, http: aiohttp.ClientSession
+) -> None:
+    headers = {
+        "X-Forwarded-For": "203.0.113.7",
+        "X-Forwarded-Proto": "https",
+        "Connection": "keep-alive, X-Drop-Me",
+        "X-Drop-Me": "secret",
+        "Keep-Alive": "timeout=5",
+        "Proxy-Authorization": "Basic abc",
+        "TE": "trailers",
+        "X-Auth-Subject": "spoofed",
+        "X-Auth-Api-Key-Name": "spoofed",
+        "X-Kept": "yes",
+    }
+    async with http.get(f"{gateway.url}/p/a/h", headers=headers) as response:
+        seen = _headers(await response.json())
+
+    assert seen["x-forwarded-for"] == ["203.0.113.7, 127.0.0.1"]
+    assert seen["x-forwarded-proto"] == ["http"]
+    assert seen["x-forwarded-host"] == [f"127.0.0.1:{gateway.port}"]
+    assert seen["x-kept"] == ["yes"]
+    for name in ("x-drop-me", "keep-alive", "proxy-authorization", "te"):
+        assert name not in seen
+    assert "x-auth-subject" not in seen
+    assert "x-auth-api-key-name" not in seen
+    assert seen.get("connection", ["keep-alive"]) == ["keep-alive"]
+
+
+async def test_proxy_removes_hop_by_hop_response_headers(
+    gateway: GatewayProcess, http: aiohttp.ClientSession
+) -> None:
+    async with http.get(f"{gateway.url}/p/a/hop") as response:
+        assert response.status == 200
+        assert await response.text() == "hop"
+        assert response.headers["X-End-To-End"] == "kept"
+        assert "X-Hop-Secret" not in response.headers
+        assert "Keep-Alive" not in response.headers
+        assert "Proxy-Authenticate" not in response.headers
+
+
+async def test_proxy_passes_compressed_body_untouched(
+    gateway: GatewayProcess, http: aiohttp.ClientSession
+) -> None:
+    async with http.get(
+        f"{gateway.url}/p/a/gzip", headers={"Accept-Encoding": "gzip"}
+    ) as response:
+        raw = await response.read()
+        assert response.headers["Content-Encoding"] == "gzip"
+
+    assert gzip.decompress(raw) == b"compressed hello " * 20
+
+
+async def test_proxy_streams_sse_events_as_they_arrive(
+    gateway: GatewayProcess,
+    upstream_agent: AgentProcess,
+    http: aiohttp.ClientSession,
+) -> None:
+    async with http.get(f"{gateway.url}/p/a/sse/g1") as response:
+        assert response.headers["Content-Type"] == "text/event-stream"
+        first = await response.content.readuntil(b"\n\n")
+        assert first == b"data: first\n\n"
+
+        # The agent sends the second event only now: the first one came
+        # through before the stream was complete.
+        async with http.get(f"{upstream_agent.url}/_release/g1") as release:
+            assert release.status == 200
+        second = await response.content.readuntil(b"\n\n")
+        assert second == b"data: second\n\n"
+
+
+async def test_proxy_streams_request_body_both_ways(
+    gateway: GatewayProcess, http: aiohttp.ClientSession
+) -> None:
+    echoed = asyncio.Event()
+
+    async def body() -> AsyncIterator[bytes]:
+        yield b"one;"
+        await echoed.wait()
+        yield b"two;"
+
+    async with http.post(f"{gateway.url}/p/a/stream-back", data=body()) as response:
+        assert response.status == 200
+        first = await response.content.readexactly(4)
+        assert first == b"one;"
+        echoed.set()
+        assert await response.content.read() == b"two;"
+
+
+async def test_proxy_upstream_refusing_is_502(
+    gateway_factory: GatewayFactory,
+    redis_url: str,
+    redis_store: Store,
+    environment: str,
+    http: aiohttp.ClientSession,
+) -> None:
+    closed = f"http://127.0.0.1:{free_port()}"
+    await commit_agent(redis_store, environment, "p", "down", closed)
+    gateway = await gateway_factory(store=redis_url, environment=environment)
+
+    async with http.get(f"{gateway.url}/p/down/x") as response:
+        assert response.status == 502
+        assert await response.json() == {
+            "error": "bad_gateway",
+            "message": "The agent could not be reached",
+        }
+
+
+async def test_proxy_silent_upstream_is_504_and_streams_may_outlast_timeout(
+    gateway_factory: GatewayFactory,
+    redis_url: str,
+    redis_store: Store,
+    environment: str,
+    upstream_agent: AgentProcess,
+    http: aiohttp.ClientSession,
+) -> None:
+    await commit_agent(
+        redis_store, environment, "p", "a", upstream_agent.url, timeout_s=0.5
+    )
+    gateway = await gateway_factory(store=redis_url, environment=environment)
+
+    async with http.get(f"{gateway.url}/p/a/sleep?s=3") as response:
+        assert response.status == 504
+        assert await response.json() == {
+            "error": "gateway_timeout",
+            "message": "The agent did not answer in time",
+        }
+
+    # 5 chunks 0.2 s apart: longer than 0.5 s in total, never silent that long.
+    async with http.get(f"{gateway.url}/p/a/drip?count=5&gap=0.2") as response:
+        assert response.status == 200
+        assert await response.text() == "".join(f"chunk {i}\n" for i in range(5))
+
+
+async def test_proxy_oversized_header_is_431_and_worker_keeps_serving(
+    gateway: GatewayProcess, http: aiohttp.ClientSession
+) -> None:
+    secret = "s3cr3t-" + "x" * 17000
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+    writer.write(
+        b"GET /p/a/x HTTP/1.1\r\nHost: gw\r\nX-Big: " + secret.encode() + b"\r\n\r\n"
+    )
+    await writer.drain()
+    answer = await reader.read()
+    writer.close()
+
+    assert answer.split(b" ", 2)[1] == b"431"
+    assert b"s3cr3t" not in answer
+    assert b'"error":"header_too_large"' in answer
+
+    async with http.get(
+        f"{gateway.url}/p/a/x", headers={"X-Big": "y" * 16000}
+    ) as response:
+        assert response.status == 200
+
+
+async def test_proxy_caller_disconnect_cancels_upstream(
+    gateway: GatewayProcess,
+    upstream_agent: AgentProcess,
+    http: aiohttp.ClientSession,
+) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+    writer.write(b"GET /p/a/sleep?s=30 HTTP/1.1\r\nHost: gw\r\n\r\n")
+    await writer.drain()
+    await _until_stat(http, upstream_agent, "started", 1)
+
+    writer.transport.abort()
+    await _until_stat(http, upstream_agent, "cancelled", 1)
+
+
+async def _until_stat(
+    http: aiohttp.ClientSession, agent: AgentProcess, name: str, value: int
+) -> None:
+    for _ in range(200):
+        async with http.get(f"{agent.url}/_stats") as response:
+            if (await response.json())[name] == value:
+                return
+        await asyncio.sleep(0.025)
+    raise AssertionError(f"agent never reported {name}={value}")
+
+
+async def test_proxy_hot_swaps_upstream_without_restart(
+    gateway: GatewayProcess,
+    redis_store: Store,
+    environment: str,
+    agent_factory: object,
+    http: aiohttp.ClientSession,
+) -> None:
+    other = await agent_factory("other")  # type: ignore[operator]
+    revision = await commit_agent(redis_store, environment, "p", "a", other.url)
+    await _until_applied(redis_store, environment, revision)
+
+    async with http.get(f"{gateway.url}/p/a/x") as response:
+        assert (await response.json())["agent"] == "other"
+
+    revision = await commit_agent(redis_store, environment, "p", "a", None)
+    await _until_applied(redis_store, environment, revision)
+    async with http.get(f"{gateway.url}/p/a/x") as response:
+        assert response.status == 404
+
+
+async def _until_applied(store: Store, environment: str, revision: int) -> None:
+    """Wait until every live worker reports ``revision`` in its heartbeat."""
+    for _ in range(200):
+        workers = await store.workers(environment)
+        if workers and all(w.revision >= revision for w in workers):
+            return
+        await asyncio.sleep(0.025)
+    raise AssertionError(f"revision {revision} never applied")
+
+
+async def test_proxy_sigterm_drains_a_stream_and_exits_zero(
+    gateway: GatewayProcess,
+    upstream_agent: AgentProcess,
+    http: aiohttp.ClientSession,
+) -> None:
+    async with http.get(f"{gateway.url}/p/a/sse/drain") as response:
+        assert await response.content.readuntil(b"\n\n") == b"data: first\n\n"
+        gateway.terminate()
+        await asyncio.sleep(0.3)
+
+        # New connections are refused while the open stream still finishes.
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", gateway.port), timeout=1).close()
+        async with http.get(f"{upstream_agent.url}/_release/drain"):
+            pass
+        assert await response.content.readuntil(b"\n\n") == b"data: second\n\n"
+
+    assert await asyncio.to_thread(gateway.process.wait, 15) == 0
