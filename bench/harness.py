@@ -572,6 +572,7 @@ def prepare_ours(
         out=stack.root / "stack.json",
         tokens=args.tokens,
         distinct_tokens=(args.rounds + 1) * args.distinct_per_round,
+        api_keys=4 if "f" in args.rows else 0,
     )
     print(f"harness: setting up; minting {plan.distinct_tokens} tokens", flush=True)
     api = Api(f"http://{HOST}:{ports.controlplane}", admin_token)

@@ -27,7 +27,7 @@ from typing import Any
 
 from bench.keys import AUDIENCE, ISSUER, SigningKey, mint_pool
 
-__all__ = ["AGENTS", "Api", "Plan", "main", "setup"]
+__all__ = ["AGENTS", "Api", "ApiError", "Plan", "main", "setup"]
 
 #: agent name -> endpoint auth of its deployment.
 AGENTS: dict[str, dict[str, Any]] = {
@@ -39,6 +39,14 @@ AGENTS: dict[str, dict[str, Any]] = {
     "keyed": {"type": "api_key"},
     "stream": {"type": "oauth", "oauth": {"identity_providers": ["bench-idp"]}},
 }
+
+
+class ApiError(Exception):
+    """The control plane refused a call; carries its status and error body."""
+
+    def __init__(self, method: str, path: str, status: int, body: bytes) -> None:
+        super().__init__(f"{method} {path}: {status} {body.decode(errors='replace')}")
+        self.status = status
 
 
 class Api:
@@ -59,8 +67,11 @@ class Api:
                 "Content-Type": "application/json",
             },
         )
-        with urllib.request.urlopen(request, timeout=40) as response:
-            return json.loads(response.read() or b"null")
+        try:
+            with urllib.request.urlopen(request, timeout=40) as response:
+                return json.loads(response.read() or b"null")
+        except urllib.error.HTTPError as error:
+            raise ApiError(method, path, error.code, error.read()) from None
 
 
 @dataclass
@@ -128,8 +139,8 @@ def create_api_keys(api: Api, plan: Plan, agent: str) -> list[str]:
         name = f"load-{index}"
         try:
             created = api.call("POST", base, {"name": name})
-        except urllib.error.HTTPError as error:
-            if error.code != 409:
+        except ApiError as error:
+            if error.status != 409:
                 raise
             created = api.call("POST", f"{base}/{name}/rotate")
         keys.append(str(created["key"]))
