@@ -201,7 +201,7 @@ class EmbeddedStore:
             self._conn = None
 
     def _start_watcher(self) -> None:
-        if self._watcher is None:
+        if self._watcher is None and not self._closed:
             loop = asyncio.get_running_loop()
             self._watcher = _Watcher(
                 self.path,
