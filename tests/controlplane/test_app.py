@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import io
 
-import io
-
 import pytest
 
 from controlplane.app import MAX_BODY_BYTES

@@ -130,20 +130,34 @@ async def test_deployment_none_and_changing_method(ready: Client) -> None:
     assert (status, answer["endpoint_auth"]) == (201, auth)
 
 
+EA = "$.endpoint_auth"
+OAUTH = f"{EA}.oauth"
+
+
+def corp(**fields: Any) -> dict[str, Any]:
+    return {"identity_providers": ["corp"], **fields}
+
+
 _BAD: list[tuple[object, str]] = [
-    ({"type": "oauth", "oauth": {"identity_providers": ["corp"]}, "api_key": {}}, "$.endpoint_auth"),
-    ({"type": "api_key", "oauth": {"identity_providers": ["corp"]}}, "$.endpoint_auth.oauth"),
-    ({"type": "oauth", "api_key": {}}, "$.endpoint_auth.api_key"),
-    ({"type": "none", "api_key": {}}, "$.endpoint_auth.api_key"),
-    ({"type": "oauth"}, "$.endpoint_auth.oauth.identity_providers"),
-    ({"type": "oauth", "oauth": {"identity_providers": []}}, "$.endpoint_auth.oauth.identity_providers"),
-    ({"type": "oauth", "oauth": {"identity_providers": ["Corp"]}}, "$.endpoint_auth.oauth.identity_providers[0]"),
-    ({"type": "oauth", "oauth": {"identity_providers": ["corp"], "audiences": [7]}}, "$.endpoint_auth.oauth.audiences[0]"),
-    ({"type": "oauth", "oauth": {"identity_providers": ["corp"], "header_name": "Bad Header"}}, "$.endpoint_auth.oauth.header_name"),
-    ({"type": "oauth", "oauth": {"identity_providers": ["corp"], "forward_token": "yes"}}, "$.endpoint_auth.oauth.forward_token"),
-    ({"type": "basic"}, "$.endpoint_auth.type"),
-    ({"type": "api_key", "api_key": {"header": "X"}}, "$.endpoint_auth.api_key.header"),
-]  # fmt: skip
+    ({"type": "oauth", "oauth": corp(), "api_key": {}}, EA),
+    ({"type": "api_key", "oauth": corp()}, OAUTH),
+    ({"type": "oauth", "api_key": {}}, f"{EA}.api_key"),
+    ({"type": "none", "api_key": {}}, f"{EA}.api_key"),
+    ({"type": "oauth"}, f"{OAUTH}.identity_providers"),
+    (
+        {"type": "oauth", "oauth": {"identity_providers": []}},
+        f"{OAUTH}.identity_providers",
+    ),
+    (oauth("Corp"), f"{OAUTH}.identity_providers[0]"),
+    ({"type": "oauth", "oauth": corp(audiences=[7])}, f"{OAUTH}.audiences[0]"),
+    (
+        {"type": "oauth", "oauth": corp(header_name="Bad Header")},
+        f"{OAUTH}.header_name",
+    ),
+    ({"type": "oauth", "oauth": corp(forward_token="yes")}, f"{OAUTH}.forward_token"),
+    ({"type": "basic"}, f"{EA}.type"),
+    ({"type": "api_key", "api_key": {"header": "X"}}, f"{EA}.api_key.header"),
+]
 
 
 @pytest.mark.parametrize(("auth", "field"), _BAD)

@@ -93,25 +93,32 @@ async def test_identity_provider_unknown_environment_is_404(api: Client) -> None
     assert answer["details"] == {"kind": "environment", "name": "dev"}
 
 
+ISS = "https://i.example"
+
+
+def idp(**fields: Any) -> dict[str, Any]:
+    return {"issuer": ISS, **fields}
+
+
 _BAD: list[tuple[dict[str, Any], str]] = [
-    ({"issuer": "https://i.example"}, "$.jwks_uri"),
-    ({"issuer": "https://i.example", "discovery": True, "jwks_uri": "https://k"}, "$.discovery"),
-    ({"issuer": "https://i.example", "jwks_uri": "https://k", "jwks": {"keys": [JWK]}}, "$.jwks"),
+    (idp(), "$.jwks_uri"),
+    (idp(discovery=True, jwks_uri="https://k"), "$.discovery"),
+    (idp(jwks_uri="https://k", jwks={"keys": [JWK]}), "$.jwks"),
     ({"issuer": "not a url", "discovery": True}, "$.issuer"),
-    ({"issuer": "https://i.example#frag", "discovery": True}, "$.issuer"),
-    ({"issuer": "https://i.example", "jwks_uri": "/certs"}, "$.jwks_uri"),
-    ({"issuer": "https://i.example", "discovery": True, "algorithms": ["HS256"]}, "$.algorithms[0]"),
-    ({"issuer": "https://i.example", "discovery": True, "algorithms": ["none"]}, "$.algorithms[0]"),
-    ({"issuer": "https://i.example", "discovery": True, "algorithms": []}, "$.algorithms"),
-    ({"issuer": "https://i.example", "discovery": True, "clock_skew_s": -1}, "$.clock_skew_s"),
-    ({"issuer": "https://i.example", "discovery": True, "jwks_refresh_s": 0}, "$.jwks_refresh_s"),
-    ({"issuer": "https://i.example", "discovery": True, "audiences": [""]}, "$.audiences[0]"),
-    ({"issuer": "https://i.example", "discovery": True, "scopes": []}, "$.scopes"),
-    ({"issuer": "https://i.example", "jwks": {"keys": []}}, "$.jwks.keys"),
-    ({"issuer": "https://i.example", "jwks": {"keys": [{"x": 1}]}}, "$.jwks.keys[0]"),
-    ({"issuer": "https://i.example", "jwks": {"keys": [JWK, {**JWK, "d": "secret"}]}}, "$.jwks.keys[1]"),
-    ({"issuer": "https://i.example", "jwks": {"keys": [{"kty": "oct", "k": "c2VjcmV0"}]}}, "$.jwks.keys[0]"),
-]  # fmt: skip
+    ({"issuer": ISS + "#frag", "discovery": True}, "$.issuer"),
+    (idp(jwks_uri="/certs"), "$.jwks_uri"),
+    (idp(discovery=True, algorithms=["HS256"]), "$.algorithms[0]"),
+    (idp(discovery=True, algorithms=["none"]), "$.algorithms[0]"),
+    (idp(discovery=True, algorithms=[]), "$.algorithms"),
+    (idp(discovery=True, clock_skew_s=-1), "$.clock_skew_s"),
+    (idp(discovery=True, jwks_refresh_s=0), "$.jwks_refresh_s"),
+    (idp(discovery=True, audiences=[""]), "$.audiences[0]"),
+    (idp(discovery=True, scopes=[]), "$.scopes"),
+    (idp(jwks={"keys": []}), "$.jwks.keys"),
+    (idp(jwks={"keys": [{"x": 1}]}), "$.jwks.keys[0]"),
+    (idp(jwks={"keys": [JWK, {**JWK, "d": "secret"}]}), "$.jwks.keys[1]"),
+    (idp(jwks={"keys": [{"kty": "oct", "k": "c2VjcmV0"}]}), "$.jwks.keys[0]"),
+]
 
 
 @pytest.mark.parametrize(("body", "field"), _BAD)
