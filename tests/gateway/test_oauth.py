@@ -1,4 +1,4 @@
-"""Tests of gateway/oauth.py: the authenticator and diagnosis, against hostile tokens."""
+"""Tests of gateway/oauth.py: authenticator and diagnosis, against hostile tokens."""
 
 from __future__ import annotations
 
@@ -101,8 +101,14 @@ def challenge(description: str) -> str:
 
 @pytest.mark.parametrize(
     ("private", "alg", "kid"),
-    [(RSA, "RS256", "k1"), (RSA, "PS256", "k1"), (EC, "ES256", "k2"), (ED, "EdDSA", "k3"),
-     (RSA, "RS256", None), (EC, "ES256", None)],
+    [
+        (RSA, "RS256", "k1"),
+        (RSA, "PS256", "k1"),
+        (EC, "ES256", "k2"),
+        (ED, "EdDSA", "k3"),
+        (RSA, "RS256", None),
+        (EC, "ES256", None),
+    ],
 )
 async def test_authenticate_accepts_valid_token(
     idps: IdentityProviders, private: Any, alg: str, kid: str | None
@@ -118,14 +124,23 @@ async def test_authenticate_accepts_valid_token(
 
 async def test_authenticate_other_idp_of_the_route(idps: IdentityProviders) -> None:
     token = sign(OTHER, "RS256", "b1", payload=claims(iss=OTHER_ISSUER))
-    identity = await OAuthAuthenticator(oauth(), idps).authenticate(headers("Bearer " + token))
+    identity = await OAuthAuthenticator(oauth(), idps).authenticate(
+        headers("Bearer " + token)
+    )
     assert identity.headers[2] == ("X-Auth-Identity-Provider", "idp-b")
 
 
-async def test_authenticate_without_subject_sets_no_subject(idps: IdentityProviders) -> None:
+async def test_authenticate_without_subject_sets_no_subject(
+    idps: IdentityProviders,
+) -> None:
     token = sign(RSA, payload=claims(sub=...))
-    identity = await OAuthAuthenticator(oauth(), idps).authenticate(headers("Bearer " + token))
-    assert identity.headers == (("X-Auth-Issuer", ISSUER), ("X-Auth-Identity-Provider", "idp-a"))
+    identity = await OAuthAuthenticator(oauth(), idps).authenticate(
+        headers("Bearer " + token)
+    )
+    assert identity.headers == (
+        ("X-Auth-Issuer", ISSUER),
+        ("X-Auth-Identity-Provider", "idp-a"),
+    )
 
 
 def test_authenticator_strip_sets(idps: IdentityProviders) -> None:
@@ -140,15 +155,22 @@ def test_authenticator_strip_sets(idps: IdentityProviders) -> None:
 async def test_authenticate_missing_token(idps: IdentityProviders) -> None:
     failure = await refused(OAuthAuthenticator(oauth(), idps))
     assert (failure.status, failure.error, failure.message, failure.headers) == (
-        401, "unauthorized", "Bearer token required", {"WWW-Authenticate": REALM}
+        401,
+        "unauthorized",
+        "Bearer token required",
+        {"WWW-Authenticate": REALM},
     )
 
 
 @pytest.mark.parametrize("value", ["Bearer", "Bearer ", "Bearer \t "])
-async def test_authenticate_empty_token_is_missing(idps: IdentityProviders, value: str) -> None:
+async def test_authenticate_empty_token_is_missing(
+    idps: IdentityProviders, value: str
+) -> None:
     failure = await refused(OAuthAuthenticator(oauth(), idps), value)
     if value == "Bearer":
-        assert failure.headers == {"WWW-Authenticate": challenge("authorization scheme not accepted")}
+        assert failure.headers == {
+            "WWW-Authenticate": challenge("authorization scheme not accepted")
+        }
     else:
         assert failure.headers == {"WWW-Authenticate": REALM}
     assert failure.status == 401
@@ -172,7 +194,9 @@ async def test_authenticate_prefix_forms(idps: IdentityProviders, value: str) ->
     assert identity.headers[0] == ("X-Auth-Subject", "client-1")
 
 
-async def test_authenticate_custom_header_and_empty_prefix(idps: IdentityProviders) -> None:
+async def test_authenticate_custom_header_and_empty_prefix(
+    idps: IdentityProviders,
+) -> None:
     auth = OAuthAuthenticator(oauth(header_name="X-Token", auth_header_prefix=""), idps)
     identity = await auth.authenticate(headers(sign(RSA), name="x-token"))
     assert identity.headers[0] == ("X-Auth-Subject", "client-1")
@@ -183,7 +207,9 @@ async def test_authenticate_custom_header_and_empty_prefix(idps: IdentityProvide
 @pytest.mark.parametrize("scheme", ["Basic", "Bearerx", "DPoP", "Token"])
 async def test_authenticate_other_scheme(idps: IdentityProviders, scheme: str) -> None:
     failure = await refused(OAuthAuthenticator(oauth(), idps), f"{scheme} {sign(RSA)}")
-    assert failure.headers == {"WWW-Authenticate": challenge("authorization scheme not accepted")}
+    assert failure.headers == {
+        "WWW-Authenticate": challenge("authorization scheme not accepted")
+    }
 
 
 # --- hostile tokens -------------------------------------------------------------
@@ -193,9 +219,13 @@ def _x5c(private: Any) -> str:
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "attacker")])
     now = __import__("datetime").datetime.now(__import__("datetime").timezone.utc)
     cert = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name)
-        .public_key(private.public_key()).serial_number(1)
-        .not_valid_before(now).not_valid_after(now.replace(year=now.year + 1))
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(private.public_key())
+        .serial_number(1)
+        .not_valid_before(now)
+        .not_valid_after(now.replace(year=now.year + 1))
         .sign(private, hashes.SHA256())
     )
     import base64
@@ -208,61 +238,155 @@ def _x5c(private: Any) -> str:
 def _hostile() -> list[tuple[str, str, str]]:
     pub_jwk = json.dumps(jwk(RSA, "k1")).encode()
     now = int(time.time())
-    nonstr = compact({"alg": "RS256", "kid": "k1"}, '{"iss":"%s","exp":NaN}' % ISSUER, b"x")
+    nonstr = compact(
+        {"alg": "RS256", "kid": "k1"}, f'{{"iss":"{ISSUER}","exp":NaN}}', b"x"
+    )
     return [
-        ("alg none", compact({"alg": "none", "typ": "JWT"}, claims(), b""),
-         "token algorithm not accepted"),
-        ("alg None no sig", compact({"alg": "None"}, claims(), b""),
-         "token algorithm not accepted"),
-        ("HS256 with PEM public key", hmac_token(pem(RSA)), "token algorithm not accepted"),
-        ("HS512 with JWK public key", hmac_token(pub_jwk, "HS512"),
-         "token algorithm not accepted"),
+        (
+            "alg none",
+            compact({"alg": "none", "typ": "JWT"}, claims(), b""),
+            "token algorithm not accepted",
+        ),
+        (
+            "alg None no sig",
+            compact({"alg": "None"}, claims(), b""),
+            "token algorithm not accepted",
+        ),
+        (
+            "HS256 with PEM public key",
+            hmac_token(pem(RSA)),
+            "token algorithm not accepted",
+        ),
+        (
+            "HS512 with JWK public key",
+            hmac_token(pub_jwk, "HS512"),
+            "token algorithm not accepted",
+        ),
         ("DER ECDSA", sign(EC, "ES256", "k2", der=True), "invalid signature"),
-        ("JWE", "eyJhbGciOiJSU0EtT0FFUCJ9.a.b.c.d", "encrypted tokens (JWE) are not accepted"),
-        ("JSON serialization", json.dumps({"payload": b64(claims()), "signatures": []}),
-         "JWS JSON serialization is not accepted"),
-        ("embedded jwk, known kid", sign(ATTACKER, jwk=jwk(ATTACKER)), "invalid signature"),
-        ("embedded jwk, own kid", sign(ATTACKER, kid="evil", jwk=jwk(ATTACKER, "evil")),
-         "unknown key for the token's algorithm"),
+        (
+            "JWE",
+            "eyJhbGciOiJSU0EtT0FFUCJ9.a.b.c.d",
+            "encrypted tokens (JWE) are not accepted",
+        ),
+        (
+            "JSON serialization",
+            json.dumps({"payload": b64(claims()), "signatures": []}),
+            "JWS JSON serialization is not accepted",
+        ),
+        (
+            "embedded jwk, known kid",
+            sign(ATTACKER, jwk=jwk(ATTACKER)),
+            "invalid signature",
+        ),
+        (
+            "embedded jwk, own kid",
+            sign(ATTACKER, kid="evil", jwk=jwk(ATTACKER, "evil")),
+            "unknown key for the token's algorithm",
+        ),
         ("jku", sign(ATTACKER, jku="https://evil.test/jwks"), "invalid signature"),
         ("x5u", sign(ATTACKER, x5u="https://evil.test/cert"), "invalid signature"),
         ("x5c", sign(ATTACKER, x5c=[_x5c(ATTACKER)]), "invalid signature"),
-        ("x5c no kid", sign(ATTACKER, kid=None, x5c=[_x5c(ATTACKER)]), "invalid signature"),
-        ("unknown crit", sign(RSA, crit=["exp"], exp=1), "unknown critical header parameter"),
+        (
+            "x5c no kid",
+            sign(ATTACKER, kid=None, x5c=[_x5c(ATTACKER)]),
+            "invalid signature",
+        ),
+        (
+            "unknown crit",
+            sign(RSA, crit=["exp"], exp=1),
+            "unknown critical header parameter",
+        ),
         ("typ JOSE+JSON", sign(RSA, typ="JOSE+JSON"), "token type is not JWT"),
         ("typ dpop", sign(RSA, typ="dpop+jwt"), "token type is not JWT"),
-        ("A's key, B's issuer", sign(RSA, kid="b1", payload=claims(iss=OTHER_ISSUER)),
-         "invalid signature"),
-        ("A's key and kid, B's issuer", sign(RSA, payload=claims(iss=OTHER_ISSUER)),
-         "unknown key for the token's algorithm"),
-        ("unknown issuer", sign(RSA, payload=claims(iss="https://evil.test")),
-         "token issuer not accepted"),
-        ("issuer trailing slash", sign(RSA, payload=claims(iss=ISSUER + "/")),
-         "token issuer not accepted"),
+        (
+            "A's key, B's issuer",
+            sign(RSA, kid="b1", payload=claims(iss=OTHER_ISSUER)),
+            "invalid signature",
+        ),
+        (
+            "A's key and kid, B's issuer",
+            sign(RSA, payload=claims(iss=OTHER_ISSUER)),
+            "unknown key for the token's algorithm",
+        ),
+        (
+            "unknown issuer",
+            sign(RSA, payload=claims(iss="https://evil.test")),
+            "token issuer not accepted",
+        ),
+        (
+            "issuer trailing slash",
+            sign(RSA, payload=claims(iss=ISSUER + "/")),
+            "token issuer not accepted",
+        ),
         ("no issuer", sign(RSA, payload=claims(iss=...)), "token has no issuer"),
-        ("exp string", sign(RSA, payload=claims(exp="1900000000")), "token exp is not a number"),
+        (
+            "exp string",
+            sign(RSA, payload=claims(exp="1900000000")),
+            "token exp is not a number",
+        ),
         ("exp true", sign(RSA, payload=claims(exp=True)), "token exp is not a number"),
         ("exp NaN", nonstr, "token payload is not JSON"),
         ("exp missing", sign(RSA, payload=claims(exp=...)), "token has no expiry"),
         ("expired", sign(RSA, payload=claims(exp=now - 31)), "token expired"),
         ("nbf future", sign(RSA, payload=claims(nbf=now + 120)), "token not yet valid"),
-        ("iat future", sign(RSA, payload=claims(iat=now + 120)), "token issued in the future"),
+        (
+            "iat future",
+            sign(RSA, payload=claims(iat=now + 120)),
+            "token issued in the future",
+        ),
         ("nbf string", sign(RSA, payload=claims(nbf="0")), "token nbf is not a number"),
-        ("wrong audience", sign(RSA, payload=claims(aud="other")), "token audience not accepted"),
+        (
+            "wrong audience",
+            sign(RSA, payload=claims(aud="other")),
+            "token audience not accepted",
+        ),
         ("no audience", sign(RSA, payload=claims(aud=...)), "token has no audience"),
-        ("audience not strings", sign(RSA, payload=claims(aud=[1])),
-         "token audience not accepted"),
-        ("alg not allowed for IdP", sign(RSA, "RS512"),
-         "token algorithm not allowed for issuer"),
-        ("RS256 by EC kid", sign(RSA, "RS256", "k2"), "unknown key for the token's algorithm"),
-        ("ES256 on RSA kid", sign(EC, "ES256", "k1"), "unknown key for the token's algorithm"),
-        ("PS256 on ES256-only JWK", sign(EC, "ES256", "k2")[:-3] + "AAA", "invalid signature"),
-        ("RSA 1024 key", sign(rsa_key(1024), kid="small"),
-         "unknown key for the token's algorithm"),
-        ("symmetric JWK kid", sign(RSA, kid="sym"), "unknown key for the token's algorithm"),
-        ("bad base64 header", "e30=." + b64(claims()) + ".", "token header is not base64url"),
+        (
+            "audience not strings",
+            sign(RSA, payload=claims(aud=[1])),
+            "token audience not accepted",
+        ),
+        (
+            "alg not allowed for IdP",
+            sign(RSA, "RS512"),
+            "token algorithm not allowed for issuer",
+        ),
+        (
+            "RS256 by EC kid",
+            sign(RSA, "RS256", "k2"),
+            "unknown key for the token's algorithm",
+        ),
+        (
+            "ES256 on RSA kid",
+            sign(EC, "ES256", "k1"),
+            "unknown key for the token's algorithm",
+        ),
+        (
+            "PS256 on ES256-only JWK",
+            sign(EC, "ES256", "k2")[:-3] + "AAA",
+            "invalid signature",
+        ),
+        (
+            "RSA 1024 key",
+            sign(rsa_key(1024), kid="small"),
+            "unknown key for the token's algorithm",
+        ),
+        (
+            "symmetric JWK kid",
+            sign(RSA, kid="sym"),
+            "unknown key for the token's algorithm",
+        ),
+        (
+            "bad base64 header",
+            "e30=." + b64(claims()) + ".",
+            "token header is not base64url",
+        ),
         ("bad base64 sig", sign(RSA) + "*", "token signature is not base64url"),
-        ("non-JSON payload", f"{b64({'alg': 'RS256'})}.{b64('x')}.", "token payload is not JSON"),
+        (
+            "non-JSON payload",
+            f"{b64({'alg': 'RS256'})}.{b64('x')}.",
+            "token payload is not JSON",
+        ),
         ("long", sign(RSA, payload=claims(pad="x" * 20000)), "token too long"),
         ("empty parts", "..", "token header is not JSON"),
         ("tampered payload", _tampered(), "invalid signature"),
@@ -277,7 +401,9 @@ def _tampered() -> str:
 HOSTILE = _hostile()
 
 
-@pytest.mark.parametrize(("case", "token", "description"), HOSTILE, ids=[h[0] for h in HOSTILE])
+@pytest.mark.parametrize(
+    ("case", "token", "description"), HOSTILE, ids=[h[0] for h in HOSTILE]
+)
 async def test_authenticate_rejects_hostile_token(
     idps: IdentityProviders, case: str, token: str, description: str
 ) -> None:
@@ -292,35 +418,49 @@ async def test_authenticate_deployment_audiences_replace_idp_audiences(
     idps: IdentityProviders,
 ) -> None:
     auth = OAuthAuthenticator(oauth(audiences=["chat"]), idps)
-    identity = await auth.authenticate(headers("Bearer " + sign(RSA, payload=claims(aud="chat"))))
+    identity = await auth.authenticate(
+        headers("Bearer " + sign(RSA, payload=claims(aud="chat")))
+    )
     assert identity.headers[2] == ("X-Auth-Identity-Provider", "idp-a")
     failure = await refused(auth, "Bearer " + sign(RSA))
-    assert failure.headers == {"WWW-Authenticate": challenge("token audience not accepted")}
+    assert failure.headers == {
+        "WWW-Authenticate": challenge("token audience not accepted")
+    }
 
 
-async def test_authenticate_no_audiences_anywhere_accepts_any(idps: IdentityProviders) -> None:
+async def test_authenticate_no_audiences_anywhere_accepts_any(
+    idps: IdentityProviders,
+) -> None:
     token = sign(OTHER, "RS256", "b1", payload=claims(iss=OTHER_ISSUER, aud="whatever"))
-    identity = await OAuthAuthenticator(oauth(), idps).authenticate(headers("Bearer " + token))
+    identity = await OAuthAuthenticator(oauth(), idps).authenticate(
+        headers("Bearer " + token)
+    )
     assert identity.headers[2] == ("X-Auth-Identity-Provider", "idp-b")
 
 
 async def test_authenticate_only_selected_idps(idps: IdentityProviders) -> None:
     auth = OAuthAuthenticator(oauth(identity_providers=["idp-b"]), idps)
     failure = await refused(auth, "Bearer " + sign(RSA))
-    assert failure.headers == {"WWW-Authenticate": challenge("token issuer not accepted")}
+    assert failure.headers == {
+        "WWW-Authenticate": challenge("token issuer not accepted")
+    }
 
 
 # --- verified-token cache -------------------------------------------------------
 
 
-async def test_cache_reuses_verdict_and_rechecks_audience(idps: IdentityProviders) -> None:
+async def test_cache_reuses_verdict_and_rechecks_audience(
+    idps: IdentityProviders,
+) -> None:
     token = "Bearer " + sign(RSA)
     await OAuthAuthenticator(oauth(), idps).authenticate(headers(token))
     assert len(idps.cache) == 1
     await OAuthAuthenticator(oauth(), idps).authenticate(headers(token))
     assert len(idps.cache) == 1
     failure = await refused(OAuthAuthenticator(oauth(audiences=["chat"]), idps), token)
-    assert failure.headers == {"WWW-Authenticate": challenge("token audience not accepted")}
+    assert failure.headers == {
+        "WWW-Authenticate": challenge("token audience not accepted")
+    }
 
 
 async def test_cache_voided_when_key_removed(idps: IdentityProviders) -> None:
@@ -351,7 +491,9 @@ async def test_cache_voided_when_idp_removed(idps: IdentityProviders) -> None:
     await auth.authenticate(headers(token))
     idps.apply("idp-a", None)
     failure = await refused(auth, token)
-    assert failure.headers == {"WWW-Authenticate": challenge("token issuer not accepted")}
+    assert failure.headers == {
+        "WWW-Authenticate": challenge("token issuer not accepted")
+    }
 
 
 async def test_cache_rechecks_expiry(idps: IdentityProviders) -> None:
@@ -377,7 +519,9 @@ def test_cache_bounded_in_entries() -> None:
 def test_cache_bounded_in_bytes() -> None:
     from gateway.oauth import TokenCache
 
-    cache = TokenCache(max_entries=100, max_bytes=3 * (1000 + TokenCache.ENTRY_OVERHEAD))
+    cache = TokenCache(
+        max_entries=100, max_bytes=3 * (1000 + TokenCache.ENTRY_OVERHEAD)
+    )
     for i in range(5):
         cache.put(str(i) * 1000, object())  # type: ignore[arg-type]
     assert len(cache) == 3
@@ -386,27 +530,48 @@ def test_cache_bounded_in_bytes() -> None:
 # --- property: never anything but AuthFailure 400/401/503 ----------------------
 
 _JSONISH = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner,
-                                                               max_size=4),
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False)
+    | st.text(max_size=20),
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
     max_leaves=8,
 )
 _HEADER_OBJ = st.fixed_dictionaries(
-    {"alg": st.sampled_from(["RS256", "ES256", "EdDSA", "none", "HS256", "PS512"]) | st.text()},
-    optional={"kid": st.sampled_from(["k1", "k2", "k3", "small", "sym"]) | _JSONISH,
-              "typ": st.sampled_from(["JWT", "at+jwt"]) | _JSONISH, "crit": _JSONISH},
+    {
+        "alg": st.sampled_from(["RS256", "ES256", "EdDSA", "none", "HS256", "PS512"])
+        | st.text()
+    },
+    optional={
+        "kid": st.sampled_from(["k1", "k2", "k3", "small", "sym"]) | _JSONISH,
+        "typ": st.sampled_from(["JWT", "at+jwt"]) | _JSONISH,
+        "crit": _JSONISH,
+    },
 )
 _CLAIMS_OBJ = st.fixed_dictionaries(
-    {}, optional={"iss": st.sampled_from([ISSUER, OTHER_ISSUER]) | _JSONISH,
-                  "exp": _JSONISH, "nbf": _JSONISH, "iat": _JSONISH, "aud": _JSONISH,
-                  "sub": _JSONISH},
+    {},
+    optional={
+        "iss": st.sampled_from([ISSUER, OTHER_ISSUER]) | _JSONISH,
+        "exp": _JSONISH,
+        "nbf": _JSONISH,
+        "iat": _JSONISH,
+        "aud": _JSONISH,
+        "sub": _JSONISH,
+    },
 )
 _STRUCTURED = st.builds(
     lambda h, c, s: f"Bearer {b64(json.dumps(h))}.{b64(json.dumps(c))}.{b64(s)}",
-    _HEADER_OBJ, _CLAIMS_OBJ, st.binary(max_size=300),
+    _HEADER_OBJ,
+    _CLAIMS_OBJ,
+    st.binary(max_size=300),
 )
-_VALUES = st.lists(st.text(max_size=200) | _STRUCTURED | st.just("Bearer " + sign(RSA)),
-                   max_size=3)
+_VALUES = st.lists(
+    st.text(max_size=200) | _STRUCTURED | st.just("Bearer " + sign(RSA)), max_size=3
+)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -437,14 +602,22 @@ async def test_diagnose_valid_token_lists_every_check(idps: IdentityProviders) -
     assert (result.valid, result.failed_check, result.reason) == (True, None, None)
     assert (result.identity_provider, result.subject) == ("idp-a", "client-1")
     assert [(c.name, c.ok) for c in result.checks] == [
-        ("format", True), ("issuer", True), ("algorithm", True), ("key", True),
-        ("signature", True), ("expiry", True), ("not_before", True), ("audience", True),
+        ("format", True),
+        ("issuer", True),
+        ("algorithm", True),
+        ("key", True),
+        ("signature", True),
+        ("expiry", True),
+        ("not_before", True),
+        ("audience", True),
     ]
     assert result.checks[1].detail == "identity provider idp-a"
     assert token not in msgspec.json.encode(result).decode()
 
 
-@pytest.mark.parametrize(("case", "token", "description"), HOSTILE, ids=[h[0] for h in HOSTILE])
+@pytest.mark.parametrize(
+    ("case", "token", "description"), HOSTILE, ids=[h[0] for h in HOSTILE]
+)
 async def test_diagnose_names_the_failed_check(
     idps: IdentityProviders, case: str, token: str, description: str
 ) -> None:
@@ -460,8 +633,15 @@ async def test_diagnose_expired_reports_idp(idps: IdentityProviders) -> None:
     token = sign(RSA, payload=claims(exp=int(time.time()) - 100))
     result = await diagnose(token, oauth(), idps)
     assert (result.failed_check, result.reason, result.identity_provider) == (
-        "expiry", "token expired", "idp-a"
+        "expiry",
+        "token expired",
+        "idp-a",
     )
     assert [c.name for c in result.checks] == [
-        "format", "issuer", "algorithm", "key", "signature", "expiry"
+        "format",
+        "issuer",
+        "algorithm",
+        "key",
+        "signature",
+        "expiry",
     ]

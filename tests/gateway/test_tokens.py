@@ -1,4 +1,4 @@
-"""Unit tests of gateway/tokens.py: every parsing and claim rule, hostile inputs first."""
+"""Unit tests of gateway/tokens.py: every parsing and claim rule, hostile inputs."""
 
 from __future__ import annotations
 
