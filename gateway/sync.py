@@ -129,12 +129,11 @@ class PolicySync:
 
     def _mark_following(self) -> None:
         STORE_UP.set(1)
+        log = policy_log.debug if self._loaded else policy_log.info
+        log("following %s from revision %d", self._environment, self._table.revision)
         if not self._loaded:
             self._loaded = True
             self._on_ready()
-        policy_log.info(
-            "following %s from revision %d", self._environment, self._table.revision
-        )
 
     def _apply_change(self, change: Change) -> None:
         if change.revision <= self._table.revision:
