@@ -372,14 +372,18 @@ class Keyring:
             self.keys = parse_jwks(self.idp, document, self.keys)
             self._report(True)
         except FetchError as exc:
-            self._jwks_uri = self.source.jwks_uri
-            self._report(False)
-            jwks_log.warning(
-                "identity provider %s: keys not fetched: %s", self.idp, exc
-            )
+            self._failed(str(exc))
+        except Exception as exc:  # a failed fetch must never fail requests
+            self._failed(type(exc).__name__)
         finally:
             self._last_end = time.monotonic()
             self._inflight = None
+
+    def _failed(self, reason: str) -> None:
+        # Discover again next time: the provider may have moved its keys.
+        self._jwks_uri = self.source.jwks_uri
+        self._report(False)
+        jwks_log.warning("identity provider %s: keys not fetched: %s", self.idp, reason)
 
     def _report(self, ok: bool) -> None:
         if self._on_fetch is not None:
