@@ -33,6 +33,8 @@ __all__ = [
     "KeySet",
     "KeySource",
     "Keyring",
+    "UnusableKey",
+    "fetch_json",
     "parse_jwk",
     "parse_jwks",
 ]

@@ -50,9 +50,14 @@ __all__ = [
     "Diagnosis",
     "IdentityProviders",
     "IdpState",
+    "KeysUnavailable",
     "OAuthAuthenticator",
+    "Route",
     "TokenCache",
+    "Verified",
+    "build_routes",
     "diagnose",
+    "verify",
 ]
 
 REALM = "agent-gateway"
