@@ -121,3 +121,25 @@ async def test_sync_serves_through_store_outage_and_catches_up(
         await _agent_answering(f"{gateway.url}/p/a/x", "second")
     finally:
         await store.close()
+
+
+async def test_sync_embedded_store_deploy_reaches_gateway(
+    gateway_factory: GatewayFactory,
+    embedded_path: object,
+    environment: str,
+    agent_factory: object,
+) -> None:
+    first = await agent_factory("first")  # type: ignore[operator]
+    second = await agent_factory("second")  # type: ignore[operator]
+    store = open_store(str(embedded_path))
+    try:
+        await commit_agent(store, environment, "p", "a", first.url)
+        gateway = await gateway_factory(
+            store=str(embedded_path), environment=environment, workers=2
+        )
+        await _agent_answering(f"{gateway.url}/p/a/x", "first")
+
+        await commit_agent(store, environment, "p", "a", second.url)
+        await _agent_answering(f"{gateway.url}/p/a/x", "second")
+    finally:
+        await store.close()
