@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -143,3 +145,25 @@ async def test_sync_embedded_store_deploy_reaches_gateway(
         await _agent_answering(f"{gateway.url}/p/a/x", "second")
     finally:
         await store.close()
+
+
+async def test_sync_supervisor_restarts_a_dead_worker(
+    gateway_factory: GatewayFactory,
+    redis_url: str,
+    redis_store: Store,
+    environment: str,
+) -> None:
+    await gateway_factory(store=redis_url, environment=environment)
+    for _ in range(200):
+        workers = await redis_store.workers(environment)
+        if workers:
+            break
+        await asyncio.sleep(0.025)
+    os.kill(workers[0].pid, signal.SIGKILL)
+
+    for _ in range(400):
+        pids = {w.pid for w in await redis_store.workers(environment)}
+        if pids - {workers[0].pid}:
+            return
+        await asyncio.sleep(0.025)
+    raise AssertionError("no worker came back")
