@@ -11,10 +11,13 @@ import msgspec
 from aiohttp import web
 
 from controlplane import (
+    apikeys,
     deployments,
+    diagnose,
     environments,
     gateways,
     identity_providers,
+    invoke,
     openapi,
     projects,
 )
@@ -26,12 +29,16 @@ from gateway.store import Store
 
 __all__ = ["MAX_BODY_BYTES", "RESOURCES", "create_app"]
 
-#: Resource modules, each exposing ``routes``; a new resource is one more entry.
+#: Resource modules, each exposing ``routes`` (and ``setup(app)`` when it keeps
+#: state in the process); a new resource is one more entry.
 RESOURCES: tuple[ModuleType, ...] = (
     environments,
     identity_providers,
     projects,
     deployments,
+    apikeys,
+    invoke,
+    diagnose,
     gateways,
     openapi,
 )
@@ -63,6 +70,8 @@ def create_app(store: Store, admin_token: str) -> web.Application:
     app[ROUTES] = routes
 
     for module in RESOURCES:
+        if hasattr(module, "setup"):
+            module.setup(app)
         register(app, module.routes)
         routes.extend(module.routes)
     app[OPENAPI] = msgspec.json.encode(openapi.build_document(routes))

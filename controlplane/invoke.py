@@ -1,0 +1,372 @@
+"""The ``test`` call: invoke a deployed agent through its gateway, as a caller would.
+
+For an ``api_key`` deployment the control plane holds a hidden, short-lived
+key of its own per agent and environment. It is committed like any key (so
+the gateway enforces it as usual), never listed and never answered; its
+secret lives only in this process's memory, and is reused while fresh so
+that repeated test calls do not spend a revision each.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import re
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+import aiohttp
+import msgspec
+from aiohttp import web
+from multidict import CIMultiDict
+from yarl import URL
+
+from controlplane.apikeys import ApiKey, apikey_record, mint, replace_key
+from controlplane.changes import Plan, commit
+from controlplane.deployments import load_deployment
+from controlplane.errors import ApiError, Conflict, ValidationFailed
+from controlplane.propagation import wait_for
+from controlplane.records import Deployment, deployment_record, read
+from controlplane.routing import Route, json_response, name_param
+from controlplane.state import STORE
+from gateway.store import Store
+
+__all__ = [
+    "HIDDEN_KEY_NAME",
+    "HIDDEN_KEY_TTL_S",
+    "MAX_RESPONSE_BYTES",
+    "GatewayTimeout",
+    "GatewayUnreachable",
+    "TestBody",
+    "TestKeys",
+    "TestView",
+    "routes",
+    "setup",
+]
+
+#: Outside the names the API accepts, so no operator's key can take it.
+HIDDEN_KEY_NAME = "_test"
+HIDDEN_KEY_TTL_S = 600.0
+#: A held key is reused only while it has at least this long to live, so a
+#: request sent with it cannot outlive it.
+_REUSE_MIN_S = 300.0
+#: How long a new key may take to reach the live gateway workers.
+_PROPAGATION_S = 5.0
+#: The whole test call, from connecting to the last byte read.
+TIMEOUT_S = 30.0
+MAX_RESPONSE_BYTES = 1 << 20
+
+Method = Literal["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+HeaderName = Annotated[
+    str, msgspec.Meta(pattern=r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,256}(?!\n)$")
+]
+HeaderValue = Annotated[str, msgspec.Meta(pattern=r"^[^\r\n\x00]*$", max_length=8192)]
+#: Visible ASCII only: the path is sent exactly as given.
+_PATH = re.compile(r"/[!-~]*")
+_DOT_SEGMENT = re.compile(r"(?:%2e|\.){1,2}", re.IGNORECASE)
+
+#: Headers the client computes or that only make sense hop by hop.
+_RESERVED = frozenset(
+    {
+        "host",
+        "content-length",
+        "transfer-encoding",
+        "connection",
+        "keep-alive",
+        "te",
+        "trailer",
+        "upgrade",
+        "proxy-connection",
+        "proxy-authorization",
+    }
+)
+
+
+class TestBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Body of ``POST …/test``: the request to send, the path below the agent."""
+
+    __test__ = False  # not a pytest test class, despite its name
+
+    method: Method = "GET"
+    path: Annotated[str, msgspec.Meta(min_length=1, max_length=2048)] = "/"
+    headers: Annotated[dict[HeaderName, HeaderValue], msgspec.Meta(max_length=64)] = {}
+    body: Annotated[str, msgspec.Meta(max_length=512 * 1024)] = ""
+
+
+class TestView(msgspec.Struct, kw_only=True):
+    """What the gateway answered.
+
+    ``body`` is text when the answer is UTF-8, otherwise base64
+    (``body_encoding`` says which); ``truncated`` when it was longer than
+    the call reads, or still streaming at the deadline. Repeated headers are
+    joined with ``, ``.
+    """
+
+    __test__ = False
+
+    status: int
+    headers: dict[str, str]
+    body: str
+    body_encoding: Literal["utf-8", "base64"]
+    truncated: bool
+
+
+class GatewayUnreachable(ApiError):
+    """The environment's gateway could not be reached."""
+
+    status = 502
+    code = "gateway_unreachable"
+
+
+class GatewayTimeout(ApiError):
+    """The gateway sent no answer in time."""
+
+    status = 504
+    code = "gateway_timeout"
+
+
+# --- the hidden key ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Held:
+    key: str
+    key_hash: str
+    expires_at: float
+    revision: int
+
+
+class TestKeys:
+    """Hidden test keys this process minted, by (environment, project, agent)."""
+
+    __test__ = False
+
+    def __init__(self) -> None:
+        self._held: dict[tuple[str, str, str], _Held] = {}
+        self._locks: dict[tuple[str, str, str], asyncio.Lock] = {}
+
+    async def key_for(self, store: Store, where: tuple[str, str, str]) -> _Held:
+        """A fresh hidden key for ``where``: the held one, or a new one.
+
+        One minting at a time per agent, so that concurrent test calls share a
+        key instead of revoking each other's.
+        """
+        lock = self._locks.setdefault(where, asyncio.Lock())
+        async with lock:
+            held = self._held.get(where)
+            if held is None or not await _usable(store, where, held):
+                held = await _mint(store, where)
+                self._held[where] = held
+            return held
+
+
+async def _usable(store: Store, where: tuple[str, str, str], held: _Held) -> bool:
+    if held.expires_at - time.time() < _REUSE_MIN_S:
+        return False
+    # Another control-plane process may have replaced it.
+    record, _ = await read(store, apikey_record(*where, HIDDEN_KEY_NAME), ApiKey)
+    return record is not None and record.key_hash == held.key_hash
+
+
+async def _mint(store: Store, where: tuple[str, str, str]) -> _Held:
+    env, project, agent = where
+    expires = float(int(time.time() + HIDDEN_KEY_TTL_S))
+    key, record = mint(HIDDEN_KEY_NAME, expires, hidden=True)
+
+    async def plan(_: int) -> Plan[None]:
+        await _deployed_with_keys(store, env, project, agent)
+        old, _raw = await read(store, apikey_record(*where, HIDDEN_KEY_NAME), ApiKey)
+        records, policies = replace_key(where, HIDDEN_KEY_NAME, old, record)
+        return Plan(None, records=records, policies=policies)
+
+    revision, _ = await commit(store, env, plan)
+    return _Held(key, record.key_hash, expires, revision)
+
+
+async def _deployed_with_keys(store: Store, env: str, project: str, agent: str) -> None:
+    """Re-checked at commit time: the deployment may have changed meanwhile."""
+    record, _ = await read(store, deployment_record(project, agent, env), Deployment)
+    if record is None or record.endpoint_auth.type != "api_key":
+        raise _unavailable(project, agent, env)
+
+
+def _unavailable(project: str, agent: str, env: str) -> Conflict:
+    return Conflict(
+        "test_unavailable",
+        f"{project}/{agent} uses oauth in {env!r}: the control plane cannot "
+        "mint a token for it, so it cannot be tested from here",
+    )
+
+
+# --- checking the request ---------------------------------------------------
+
+
+def _check_path(path: str) -> str:
+    if _PATH.fullmatch(path) is None:
+        raise ValidationFailed(
+            "$.path", "must start with '/' and hold only visible ASCII characters"
+        )
+    if "#" in path:
+        raise ValidationFailed("$.path", "must not carry a fragment")
+    route = path.partition("?")[0]
+    if any(_DOT_SEGMENT.fullmatch(s) for s in route.split("/")):
+        # A dot segment would climb out of this agent to another one.
+        raise ValidationFailed("$.path", "must not contain '.' or '..' segments")
+    return path
+
+
+def _check_headers(headers: dict[str, str], credential: str | None) -> None:
+    for name in headers:
+        lower = name.lower()
+        if lower in _RESERVED:
+            raise ValidationFailed(f"$.headers.{name}", "is set by the HTTP client")
+        if credential is not None and lower == credential.lower():
+            raise ValidationFailed(
+                f"$.headers.{name}", "carries the test call's own API key"
+            )
+
+
+# --- sending it -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Outgoing:
+    method: str
+    url: URL
+    headers: CIMultiDict[str]
+    body: bytes
+
+
+def _outgoing(body: TestBody, gateway_url: str, project: str, agent: str) -> _Outgoing:
+    url = URL(f"{gateway_url}/{project}/{agent}{body.path}", encoded=True)
+    data = body.body.encode()
+    return _Outgoing(body.method, url, CIMultiDict(body.headers), data)
+
+
+async def _send(session: aiohttp.ClientSession, out: _Outgoing) -> TestView:
+    deadline = asyncio.get_running_loop().time() + TIMEOUT_S
+    origin = out.url.origin()
+    try:
+        async with asyncio.timeout_at(deadline):
+            response = await session.request(
+                out.method,
+                out.url,
+                headers=out.headers,
+                data=out.body or None,
+                allow_redirects=False,
+            )
+    except TimeoutError:
+        raise GatewayTimeout(
+            f"The gateway at {origin} sent no answer within {TIMEOUT_S:g} s"
+        ) from None
+    except aiohttp.ClientError as error:
+        raise GatewayUnreachable(
+            f"The gateway at {origin} cannot be reached: {type(error).__name__}"
+        ) from None
+
+    async with response:
+        return await _read(response, deadline)
+
+
+async def _read(response: aiohttp.ClientResponse, deadline: float) -> TestView:
+    body, truncated = bytearray(), False
+    try:
+        async with asyncio.timeout_at(deadline):
+            while len(body) <= MAX_RESPONSE_BYTES:
+                chunk = await response.content.read(MAX_RESPONSE_BYTES + 1 - len(body))
+                if not chunk:
+                    break
+                body += chunk
+    except (TimeoutError, aiohttp.ClientError):
+        truncated = True  # still streaming at the deadline, or cut short
+
+    if len(body) > MAX_RESPONSE_BYTES:
+        del body[MAX_RESPONSE_BYTES:]
+        truncated = True
+    return _view(response, bytes(body), truncated)
+
+
+def _view(response: aiohttp.ClientResponse, body: bytes, truncated: bool) -> TestView:
+    headers: dict[str, str] = {}
+    for name, value in response.headers.items():
+        headers[name] = f"{headers[name]}, {value}" if name in headers else value
+    try:
+        text, encoding = body.decode("utf-8"), "utf-8"
+    except UnicodeDecodeError:
+        text, encoding = base64.b64encode(body).decode(), "base64"
+    return TestView(
+        status=response.status,
+        headers=headers,
+        body=text,
+        body_encoding=encoding,  # type: ignore[arg-type]
+        truncated=truncated,
+    )
+
+
+def _scrub(view: TestView, header: str, key: str) -> TestView:
+    """The hidden key never leaves this process, even if something echoed it."""
+    headers = {
+        name: value
+        for name, value in view.headers.items()
+        if name.lower() != header.lower() and key not in value
+    }
+    body = view.body.replace(key, "[redacted]")
+    return msgspec.structs.replace(view, headers=headers, body=body)
+
+
+# --- the handler ------------------------------------------------------------
+
+TEST_KEYS = web.AppKey("test_keys", TestKeys)
+TEST_CLIENT = web.AppKey("test_client", aiohttp.ClientSession)
+
+
+async def post_test(request: web.Request, body: TestBody) -> web.StreamResponse:
+    project, agent = name_param(request, "project"), name_param(request, "agent")
+    env = name_param(request, "env")
+    deployment, environment = await load_deployment(request, project, agent, env)
+    auth = deployment.endpoint_auth
+    if auth.type == "oauth":
+        raise _unavailable(project, agent, env)
+
+    header = auth.api_key.header_name if auth.api_key else None
+    _check_path(body.path)
+    _check_headers(body.headers, header)
+    out = _outgoing(body, environment.gateway_url, project, agent)
+    if header is None:
+        return json_response(await _send(request.app[TEST_CLIENT], out))
+
+    store = request.app[STORE]
+    held = await request.app[TEST_KEYS].key_for(store, (env, project, agent))
+    await wait_for(store, env, held.revision, _PROPAGATION_S)
+    out.headers[header] = held.key
+    view = await _send(request.app[TEST_CLIENT], out)
+    return json_response(_scrub(view, header, held.key))
+
+
+async def _client(app: web.Application) -> AsyncIterator[None]:
+    # Its own session: no cookies kept between test calls, bodies untouched.
+    async with aiohttp.ClientSession(
+        cookie_jar=aiohttp.DummyCookieJar(), auto_decompress=False
+    ) as session:
+        app[TEST_CLIENT] = session
+        yield
+
+
+def setup(app: web.Application) -> None:
+    """State the ``test`` call keeps in the control-plane process."""
+    app[TEST_KEYS] = TestKeys()
+    app.cleanup_ctx.append(_client)
+
+
+routes: list[Route[Any]] = [
+    Route(
+        "POST",
+        "/projects/{project}/agents/{agent}/environments/{env}/test",
+        post_test,
+        "Invoke the deployed agent through the gateway and return its answer",
+        TestBody,
+        {200: TestView},
+    ),
+]
