@@ -1,0 +1,259 @@
+"""diagnose-token: the gateway's own validation against a deployment, check by check."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from typing import Any
+
+import jwt
+import pytest
+
+from controlplane.diagnose import REGISTRIES
+from tests.controlplane.conftest import Client, call, setup_agent
+from tests.fixtures.idp import ES256_RESOURCE, RS256_RESOURCE, OidcProvider
+from tests.gateway import tokenkit
+
+DIAGNOSE = "/projects/shop/agents/helper/environments/dev/diagnose-token"
+DEPLOY = "/projects/shop/agents/helper/deployments"
+LOCAL_KEY = tokenkit.rsa_key(2048, 7)
+
+
+class Matches:
+    """Equal to any string the pattern matches in full."""
+
+    def __init__(self, pattern: str) -> None:
+        self.pattern = re.compile(pattern)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, str) and self.pattern.fullmatch(other) is not None
+
+    def __repr__(self) -> str:
+        return f"<matches {self.pattern.pattern}>"
+
+
+def check(name: str, detail: object, ok: bool = True) -> dict[str, object]:
+    return {"name": name, "ok": ok, "detail": detail}
+
+
+@pytest.fixture
+async def deployed(api: Client, oidc_provider: OidcProvider) -> Client:
+    """helper deployed with oauth, accepting the oidc-provider and a local IdP."""
+    await setup_agent(api)
+    corp = {"issuer": oidc_provider.issuer, "jwks_uri": oidc_provider.jwks_uri}
+    local = {
+        "issuer": tokenkit.ISSUER,
+        "jwks": {"keys": [tokenkit.jwk(LOCAL_KEY, "k1")]},
+        "clock_skew_s": 0,
+    }
+    for name, body in (("corp", corp), ("local", local)):
+        path = f"/environments/dev/identity-providers/{name}"
+        assert (await call(api, "PUT", path, body))[0] == 201
+    auth = {
+        "type": "oauth",
+        "oauth": {
+            "identity_providers": ["corp", "local"],
+            "audiences": [RS256_RESOURCE],
+        },
+    }
+    body = {"environment": "dev", "endpoint_auth": auth}
+    assert (await call(api, "POST", DEPLOY, body))[0] == 201
+    return api
+
+
+def _kid(token: str) -> str:
+    return str(jwt.get_unverified_header(token)["kid"])
+
+
+async def test_diagnose_valid_provider_token(
+    deployed: Client, oidc_provider: OidcProvider
+) -> None:
+    token = oidc_provider.token()
+    status, answer = await call(deployed, "POST", DIAGNOSE, {"token": token})
+
+    assert status == 200
+    assert answer == {
+        "valid": True,
+        "failed_check": None,
+        "reason": None,
+        "identity_provider": "corp",
+        "subject": "agents-client",
+        "checks": [
+            check("format", "JWS compact, alg RS256"),
+            check("issuer", "identity provider corp"),
+            check("algorithm", "RS256 allowed"),
+            check("key", f"kid {_kid(token)!r}"),
+            check("signature", "verified"),
+            check("expiry", Matches(r"expires in \d+ s")),
+            check("not_before", "valid now"),
+            check("audience", f"matches one of {RS256_RESOURCE}"),
+        ],
+    }
+    assert token not in str(answer)
+
+
+async def test_diagnose_keys_are_fetched_once_per_environment(
+    deployed: Client, oidc_provider: OidcProvider
+) -> None:
+    token = oidc_provider.token()
+    for _ in range(3):
+        assert (await call(deployed, "POST", DIAGNOSE, {"token": token}))[1]["valid"]
+
+    registry = deployed.app[REGISTRIES].get("dev")
+    state = registry.get("corp")
+    assert state is not None
+    assert registry.version == 2  # corp and local, each applied once
+
+
+async def test_diagnose_wrong_audience(
+    deployed: Client, oidc_provider: OidcProvider
+) -> None:
+    token = oidc_provider.token(ES256_RESOURCE)
+    status, answer = await call(deployed, "POST", DIAGNOSE, {"token": token})
+
+    assert status == 200
+    assert answer["checks"][-1] == check(
+        "audience", "token audience not accepted", ok=False
+    )
+    assert (answer["valid"], answer["failed_check"], answer["reason"]) == (
+        False,
+        "audience",
+        "token audience not accepted",
+    )
+    assert (answer["identity_provider"], answer["subject"]) == ("corp", None)
+
+
+async def test_diagnose_bad_signature(
+    deployed: Client, oidc_provider: OidcProvider
+) -> None:
+    head, payload, signature = oidc_provider.token().split(".")
+    flipped = ("A" if signature[10] != "A" else "B").join(
+        (signature[:10], signature[11:])
+    )
+    token = f"{head}.{payload}.{flipped}"
+    status, answer = await call(deployed, "POST", DIAGNOSE, {"token": token})
+
+    assert status == 200
+    assert answer == {
+        "valid": False,
+        "failed_check": "signature",
+        "reason": "invalid signature",
+        "identity_provider": "corp",
+        "subject": None,
+        "checks": [
+            check("format", "JWS compact, alg RS256"),
+            check("issuer", "identity provider corp"),
+            check("algorithm", "RS256 allowed"),
+            check("key", f"kid {_kid(token)!r}"),
+            check("signature", "invalid signature", ok=False),
+        ],
+    }
+
+
+def _local(**overrides: Any) -> str:
+    payload = tokenkit.claims(aud=RS256_RESOURCE, **overrides)
+    return tokenkit.sign(LOCAL_KEY, payload=payload)
+
+
+@pytest.mark.parametrize(
+    ("token", "failed", "reason", "idp"),
+    [
+        (
+            _local(exp=int(time.time()) - 60),
+            "expiry",
+            "token expired",
+            "local",
+        ),
+        (
+            _local(iss="https://elsewhere.example.com"),
+            "issuer",
+            "token issuer not accepted",
+            None,
+        ),
+        ("not-a-token", "format", "token is not a JWS compact serialization", None),
+    ],
+)
+async def test_diagnose_failed_check_is_named(
+    deployed: Client, token: str, failed: str, reason: str, idp: str | None
+) -> None:
+    status, answer = await call(deployed, "POST", DIAGNOSE, {"token": token})
+
+    assert status == 200
+    assert answer["checks"][-1] == check(failed, reason, ok=False)
+    assert (answer["valid"], answer["failed_check"], answer["reason"]) == (
+        False,
+        failed,
+        reason,
+    )
+    assert answer["identity_provider"] == idp
+
+
+async def test_diagnose_valid_local_token(deployed: Client) -> None:
+    status, answer = await call(deployed, "POST", DIAGNOSE, {"token": _local()})
+    assert status == 200
+    assert (answer["valid"], answer["identity_provider"], answer["subject"]) == (
+        True,
+        "local",
+        "client-1",
+    )
+
+
+async def test_diagnose_never_logs_the_token(
+    deployed: Client, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    token = _local(exp=int(time.time()) - 60)
+    await call(deployed, "POST", DIAGNOSE, {"token": token})
+    assert token not in caplog.text
+    assert token.split(".")[2] not in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({}, "$.token"),
+        ({"token": ""}, "$.token"),
+        ({"token": "x" * 16385}, "$.token"),
+        ({"token": 5}, "$.token"),
+        ({"token": "a.b.c", "extra": 1}, "$.extra"),
+    ],
+)
+async def test_diagnose_bad_body_is_422(
+    deployed: Client, body: dict[str, Any], field: str
+) -> None:
+    status, answer = await call(deployed, "POST", DIAGNOSE, body)
+    assert (status, answer["error"], answer["details"]["field"]) == (
+        422,
+        "validation_error",
+        field,
+    )
+
+
+@pytest.mark.parametrize("auth", ["api_key", "none"])
+async def test_diagnose_is_409_unless_oauth(api: Client, auth: str) -> None:
+    await setup_agent(api)
+    body = {"environment": "dev", "endpoint_auth": {"type": auth}}
+    assert (await call(api, "POST", DEPLOY, body))[0] == 201
+
+    assert await call(api, "POST", DIAGNOSE, {"token": "a.b.c"}) == (
+        409,
+        {
+            "error": "diagnose_unavailable",
+            "message": f"shop/helper uses {auth} in 'dev': "
+            "only oauth deployments validate tokens",
+            "details": None,
+        },
+    )
+
+
+async def test_diagnose_not_deployed_is_404(api: Client) -> None:
+    await setup_agent(api)
+    assert await call(api, "POST", DIAGNOSE, {"token": "a.b.c"}) == (
+        404,
+        {
+            "error": "not_found",
+            "message": "deployment 'shop/helper in dev' does not exist",
+            "details": {"kind": "deployment", "name": "shop/helper in dev"},
+        },
+    )
