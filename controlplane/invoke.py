@@ -59,10 +59,10 @@ TIMEOUT_S = 30.0
 MAX_RESPONSE_BYTES = 1 << 20
 
 Method = Literal["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
-HeaderName = Annotated[
-    str, msgspec.Meta(pattern=r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,256}(?!\n)$")
-]
 HeaderValue = Annotated[str, msgspec.Meta(pattern=r"^[^\r\n\x00]*$", max_length=8192)]
+#: An HTTP field name (an RFC 9110 token). Checked in code rather than in the
+#: schema, so that the answer can name the offending header.
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,256}")
 #: Visible ASCII only: the path is sent exactly as given.
 _PATH = re.compile(r"/[!-~]*")
 _DOT_SEGMENT = re.compile(r"(?:%2e|\.){1,2}", re.IGNORECASE)
@@ -91,7 +91,7 @@ class TestBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
     method: Method = "GET"
     path: Annotated[str, msgspec.Meta(min_length=1, max_length=2048)] = "/"
-    headers: Annotated[dict[HeaderName, HeaderValue], msgspec.Meta(max_length=64)] = {}
+    headers: Annotated[dict[str, HeaderValue], msgspec.Meta(max_length=64)] = {}
     body: Annotated[str, msgspec.Meta(max_length=512 * 1024)] = ""
 
 
@@ -219,6 +219,8 @@ def _check_path(path: str) -> str:
 
 def _check_headers(headers: dict[str, str], credential: str | None) -> None:
     for name in headers:
+        if _HEADER_NAME.fullmatch(name) is None:
+            raise ValidationFailed("$.headers", f"{name!r} is not a header name")
         lower = name.lower()
         if lower in _RESERVED:
             raise ValidationFailed(f"$.headers.{name}", "is set by the HTTP client")

@@ -1,0 +1,232 @@
+"""The test call: a request through a running gateway, as a caller would send it."""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import json
+from typing import Any
+
+import msgspec
+import pytest
+
+from controlplane import invoke
+from controlplane.apikeys import ApiKey, apikey_record
+from gateway.store import Store
+from tests.controlplane.conftest import Client, add_idp, call, setup_agent
+from tests.fixtures.stack import AgentProcess, GatewayFactory, free_port
+
+TEST = "/projects/shop/agents/helper/environments/dev/test"
+DEPLOY = "/projects/shop/agents/helper/deployments"
+KEYS = "/projects/shop/agents/helper/environments/dev/api-keys"
+
+
+async def deploy(api: Client, auth: str, query: str = "?wait=10") -> None:
+    body = {"environment": "dev", "endpoint_auth": {"type": auth}}
+    status, answer = await call(api, "POST", DEPLOY + query, body)
+    assert status == 201, answer
+
+
+@pytest.fixture
+async def live(
+    api: Client,
+    store_location: str,
+    gateway_factory: GatewayFactory,
+    upstream_agent: AgentProcess,
+) -> Client:
+    """dev served by a running gateway; helper proxied to the test agent."""
+    gateway = await gateway_factory(store=store_location, environment="dev")
+    await call(api, "PUT", "/environments/dev", {"gateway_url": gateway.url})
+    await call(api, "PUT", "/projects/shop", {})
+    agent = {"upstream_url": upstream_agent.url}
+    await call(api, "PUT", "/projects/shop/agents/helper", agent)
+    return api
+
+
+async def test_invoke_none_sends_the_request_as_given(live: Client) -> None:
+    await deploy(live, "none")
+    request = {
+        "method": "POST",
+        "path": "/chat?x=1",
+        "headers": {"X-Trace": "t-1", "Content-Type": "text/plain"},
+        "body": "hello",
+    }
+    status, answer = await call(live, "POST", TEST, request)
+
+    assert status == 200
+    assert (answer["status"], answer["body_encoding"], answer["truncated"]) == (
+        200,
+        "utf-8",
+        False,
+    )
+    assert answer["headers"]["Content-Type"] == "application/json; charset=utf-8"
+    echoed = json.loads(answer["body"])
+    assert {k: echoed[k] for k in ("agent", "method", "path", "query", "body")} == {
+        "agent": "agent",
+        "method": "POST",
+        "path": "/chat",
+        "query": "x=1",
+        "body": "hello",
+    }
+    headers = {name.lower(): value for name, value in echoed["headers"]}
+    assert headers["x-trace"] == "t-1"
+    assert "x-api-key" not in headers and "x-auth-api-key-name" not in headers
+
+
+async def test_invoke_api_key_uses_a_hidden_key_reused_while_fresh(
+    live: Client, store: Store
+) -> None:
+    await deploy(live, "api_key")
+    status, first = await call(live, "POST", TEST, {"path": "/hello"})
+
+    assert (status, first["status"]) == (200, 200)
+    echoed = json.loads(first["body"])
+    headers = {name.lower(): value for name, value in echoed["headers"]}
+    assert headers["x-auth-api-key-name"] == invoke.HIDDEN_KEY_NAME
+    assert "x-api-key" not in headers
+    assert "x-api-key" not in {name.lower() for name in first["headers"]}
+
+    raw = await store.get(apikey_record("dev", "shop", "helper", "_test"))
+    assert raw is not None
+    record = json.loads(raw)
+    assert (record["hidden"], record["name"]) == (True, "_test")
+    revision = await store.revision("dev")
+
+    # A second call reuses the key: no new commit.
+    status, second = await call(live, "POST", TEST, {"path": "/hello"})
+    assert (status, second["status"]) == (200, 200)
+    assert await store.revision("dev") == revision
+    assert await store.get(apikey_record("dev", "shop", "helper", "_test")) == raw
+    assert await call(live, "GET", KEYS) == (200, {"api_keys": []})
+
+
+async def test_invoke_replaced_hidden_key_is_minted_again(
+    live: Client, store: Store
+) -> None:
+    await deploy(live, "api_key")
+    assert (await call(live, "POST", TEST, {}))[1]["status"] == 200
+
+    # Another control-plane process replaced it: this one's secret is stale.
+    key = apikey_record("dev", "shop", "helper", "_test")
+    record = ApiKey(
+        name="_test",
+        key_hash="0" * 64,
+        masked="****0000",
+        created_at="2001-01-01T00:00:00Z",
+        hidden=True,
+    )
+    await store.put(key, msgspec.json.encode(record))
+    status, answer = await call(live, "POST", TEST, {})
+    assert (status, answer["status"]) == (200, 200)
+
+
+async def test_invoke_passes_status_and_binary_bodies(live: Client) -> None:
+    await deploy(live, "none")
+
+    status, teapot = await call(live, "POST", TEST, {"path": "/status/418"})
+    assert (status, teapot["status"], json.loads(teapot["body"])) == (
+        200,
+        418,
+        {"status": "set"},
+    )
+
+    status, packed = await call(live, "POST", TEST, {"path": "/gzip"})
+    assert (status, packed["body_encoding"]) == (200, "base64")
+    assert packed["headers"]["Content-Encoding"] == "gzip"
+    body = gzip.decompress(base64.b64decode(packed["body"]))
+    assert body == b"compressed hello " * 20
+
+
+async def test_invoke_long_answer_is_truncated(
+    live: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await deploy(live, "none")
+    monkeypatch.setattr(invoke, "MAX_RESPONSE_BYTES", 1000)
+
+    request = {"method": "POST", "path": "/stream-back", "body": "z" * 5000}
+    status, answer = await call(live, "POST", TEST, request)
+    assert (status, answer["status"], answer["truncated"]) == (200, 200, True)
+    assert answer["body"] == "z" * 1000
+
+
+async def test_invoke_is_409_while_oauth(api: Client) -> None:
+    await setup_agent(api)
+    await add_idp(api)
+    oauth = {"type": "oauth", "oauth": {"identity_providers": ["corp"]}}
+    body = {"environment": "dev", "endpoint_auth": oauth}
+    assert (await call(api, "POST", DEPLOY, body))[0] == 201
+
+    assert await call(api, "POST", TEST, {}) == (
+        409,
+        {
+            "error": "test_unavailable",
+            "message": "shop/helper uses oauth in 'dev': the control plane cannot "
+            "mint a token for it, so it cannot be tested from here",
+            "details": None,
+        },
+    )
+
+
+async def test_invoke_not_deployed_is_404(api: Client) -> None:
+    await setup_agent(api)
+    assert await call(api, "POST", TEST, {}) == (
+        404,
+        {
+            "error": "not_found",
+            "message": "deployment 'shop/helper in dev' does not exist",
+            "details": {"kind": "deployment", "name": "shop/helper in dev"},
+        },
+    )
+
+
+@pytest.mark.parametrize("auth", ["none", "api_key"])
+async def test_invoke_unreachable_gateway_is_502(
+    api: Client, store: Store, auth: str
+) -> None:
+    await setup_agent(api)
+    closed = f"http://127.0.0.1:{free_port()}"
+    await call(api, "PUT", "/environments/dev", {"gateway_url": closed})
+    await deploy(api, auth, query="")
+
+    assert await call(api, "POST", TEST, {}) == (
+        502,
+        {
+            "error": "gateway_unreachable",
+            "message": f"The gateway at {closed} cannot be reached: "
+            "ClientConnectorError",
+            "details": None,
+        },
+    )
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"path": "hello"}, "$.path"),
+        ({"path": ""}, "$.path"),
+        ({"path": "/a b"}, "$.path"),
+        ({"path": "/caf\u00e9"}, "$.path"),
+        ({"path": "/a#frag"}, "$.path"),
+        ({"path": "/../other/x"}, "$.path"),
+        ({"path": "/a/%2E%2e/b"}, "$.path"),
+        ({"path": "/./a"}, "$.path"),
+        ({"path": "/" + "a" * 2048}, "$.path"),
+        ({"method": "TRACE"}, "$.method"),
+        ({"headers": {"X-Bad": "a\r\nInjected: 1"}}, "$.headers"),
+        ({"headers": {"Bad Name": "v"}}, "$.headers"),
+        ({"headers": {"Host": "evil.example.com"}}, "$.headers.Host"),
+        ({"headers": {"transfer-encoding": "chunked"}}, "$.headers.transfer-encoding"),
+        ({"headers": {"x-api-key": "mine"}}, "$.headers.x-api-key"),
+        ({"body": 5}, "$.body"),
+        ({"other": 1}, "$.other"),
+    ],
+)
+async def test_invoke_bad_request_is_422_naming_the_field(
+    api: Client, body: dict[str, Any], field: str
+) -> None:
+    await setup_agent(api)
+    await deploy(api, "api_key", query="")
+
+    status, answer = await call(api, "POST", TEST, body)
+    assert (status, answer["error"]) == (422, "validation_error")
+    assert answer["details"]["field"].startswith(field)
