@@ -58,6 +58,7 @@ _PROPAGATION_S = 5.0
 TIMEOUT_S = 30.0
 MAX_RESPONSE_BYTES = 1 << 20
 
+BodyEncoding = Literal["utf-8", "base64"]
 Method = Literal["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 HeaderValue = Annotated[str, msgspec.Meta(pattern=r"^[^\r\n\x00]*$", max_length=8192)]
 #: An HTTP field name (an RFC 9110 token). Checked in code rather than in the
@@ -109,7 +110,7 @@ class TestView(msgspec.Struct, kw_only=True):
     status: int
     headers: dict[str, str]
     body: str
-    body_encoding: Literal["utf-8", "base64"]
+    body_encoding: BodyEncoding
     truncated: bool
 
 
@@ -295,14 +296,15 @@ def _view(response: aiohttp.ClientResponse, body: bytes, truncated: bool) -> Tes
     for name, value in response.headers.items():
         headers[name] = f"{headers[name]}, {value}" if name in headers else value
     try:
-        text, encoding = body.decode("utf-8"), "utf-8"
+        encoding: BodyEncoding = "utf-8"
+        text = body.decode("utf-8")
     except UnicodeDecodeError:
         text, encoding = base64.b64encode(body).decode(), "base64"
     return TestView(
         status=response.status,
         headers=headers,
         body=text,
-        body_encoding=encoding,  # type: ignore[arg-type]
+        body_encoding=encoding,
         truncated=truncated,
     )
 
