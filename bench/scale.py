@@ -62,7 +62,8 @@ def percentile(values: Sequence[float], pct: float) -> float:
 def spread(values: Sequence[float], unit: str = "ms", scale: float = 1e3) -> str:
     return (
         f"p50 {percentile(values, 50) * scale:.2f} {unit}, "
-        f"p99 {percentile(values, 99) * scale:.2f} {unit} (n={len(values)})"
+        f"p99 {percentile(values, 99) * scale:.2f} {unit}, "
+        f"worst {max(values) * scale:.2f} {unit} (n={len(values)})"
     )
 
 

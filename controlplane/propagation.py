@@ -13,8 +13,11 @@ from gateway.store import Store
 
 __all__ = ["WAIT", "propagation", "wait_for"]
 
-#: How often ``?wait=`` looks at the workers' heartbeats again.
-_POLL_S = 0.01
+#: How often ``?wait=`` looks at the workers' heartbeats again: soon at first,
+#: since workers usually apply a change within a few milliseconds, then less
+#: often, so that a long wait costs the store little.
+_FIRST_POLL_S = 0.001
+_MAX_POLL_S = 0.02
 
 WAIT = QueryParam(
     "wait",
@@ -39,8 +42,10 @@ async def wait_for(store: Store, env: str, revision: int, wait_s: float) -> Prop
     """Propagation of ``revision`` once complete, or as it is after ``wait_s``."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait_s
+    poll_s = _FIRST_POLL_S
     while True:
         state = await propagation(store, env, revision)
         if not state.pending or loop.time() >= deadline:
             return state
-        await asyncio.sleep(min(_POLL_S, max(0.0, deadline - loop.time())))
+        await asyncio.sleep(min(poll_s, max(0.0, deadline - loop.time())))
+        poll_s = min(poll_s * 2, _MAX_POLL_S)
