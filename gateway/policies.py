@@ -13,7 +13,6 @@ import importlib
 from collections.abc import Mapping
 from typing import Any, Protocol
 
-import aiohttp
 import msgspec
 import yarl
 from multidict import CIMultiDictProxy
@@ -29,7 +28,7 @@ from gateway.policy import (
     IdentityProviderPolicy,
     decode_policy,
 )
-from gateway.routing import upstream_path
+from gateway.upstream import Origin
 
 __all__ = [
     "IdentityProviderSink",
@@ -65,12 +64,11 @@ class Route:
         "agent",
         "authenticator",
         "base_path",
-        "client_timeout",
-        "authority",
+        "host_header",
         "metrics",
+        "origin",
         "project",
         "revision",
-        "scheme",
         "timeout_s",
     )
 
@@ -78,28 +76,17 @@ class Route:
         upstream = yarl.URL(policy.upstream_url)
         self.project = policy.project
         self.agent = policy.agent
-        self.scheme = upstream.scheme
-        self.authority = upstream.raw_authority
         self.base_path = upstream.raw_path
+        # Connect plus response headers, and then each silence of a stream:
+        # a stream may outlive timeout_s as long as it is never that silent.
         self.timeout_s = policy.timeout_s
-        # Per read, not in total: a stream may outlive timeout_s as long as it
-        # is never silent that long; the wait for headers is one such read.
-        self.client_timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=policy.timeout_s, sock_read=policy.timeout_s
-        )
+        host = upstream.raw_host or ""
+        self.origin = Origin(upstream.scheme, host, upstream.port or 80)
+        port = "" if upstream.is_default_port() else f":{upstream.port}"
+        self.host_header = (host if ":" not in host else f"[{host}]") + port
         self.revision = policy.revision
         self.authenticator = authenticator
         self.metrics = RouteMetrics(policy.project, policy.agent)
-
-    def upstream_url(self, rest: str, query: str) -> yarl.URL:
-        """The upstream URL for a normalized rest-of-path and a raw query."""
-        return yarl.URL.build(
-            scheme=self.scheme,
-            authority=self.authority,
-            path=upstream_path(self.base_path, rest),
-            query_string=query,
-            encoded=True,
-        )
 
 
 class PolicyTable:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-import aiohttp
 import msgspec
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
@@ -21,13 +20,20 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from gateway.auth import AuthFailure, Identity
 from gateway.metrics import UNROUTED
 from gateway.policies import PolicyTable, Route
-from gateway.routing import InvalidTarget, Target, split_target
+from gateway.routing import InvalidTarget, Target, split_target, upstream_path
+from gateway.upstream import (
+    UpstreamError,
+    UpstreamPool,
+    UpstreamResponse,
+    UpstreamTimeout,
+)
 
 __all__ = [
     "HOP_BY_HOP",
     "Proxy",
     "TrafficServer",
     "error_response",
+    "request_head",
 ]
 
 #: RFC 9110 section 7.6.1 hop-by-hop headers, plus the non-standard
@@ -46,19 +52,16 @@ HOP_BY_HOP = frozenset(
     }
 )
 
-# Request headers the gateway sets itself (or that the upstream connection
-# sets), so a caller's copy never goes upstream.
+# Request headers the gateway sets itself (framing included: the body is
+# framed anew upstream), so a caller's copy never goes upstream.
 _REQUEST_DROP = HOP_BY_HOP | {
     "host",
+    "content-length",
     "expect",
     "x-forwarded-for",
     "x-forwarded-proto",
     "x-forwarded-host",
 }
-
-# Left for the caller to send or not: the upstream must see the request as
-# the caller made it, not with the HTTP client's defaults added.
-_SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
@@ -88,31 +91,73 @@ def _connection_tokens(headers: CIMultiDictProxy[str]) -> frozenset[str]:
     )
 
 
-def _copy_headers(
-    headers: CIMultiDictProxy[str], drop: frozenset[str]
-) -> CIMultiDict[str]:
-    drop = drop | _connection_tokens(headers)
+def _response_tokens(headers: list[tuple[bytes, bytes]]) -> frozenset[str]:
+    """Header names an agent's response lists in Connection."""
+    tokens: set[str] = set()
+    for name, value in headers:
+        if name.lower() == b"connection":
+            for token in value.decode("latin-1").split(","):
+                tokens.add(token.strip().lower())
+    return frozenset(tokens)
+
+
+def _response_headers(headers: list[tuple[bytes, bytes]]) -> CIMultiDict[str]:
+    """The agent's response headers as the caller receives them."""
+    drop = HOP_BY_HOP | _response_tokens(headers)
     copied: CIMultiDict[str] = CIMultiDict()
-    for name, value in headers.items():
+    for raw_name, raw_value in headers:
+        name = raw_name.decode("latin-1")
         if name.lower() not in drop:
-            copied.add(name, value)
+            copied.add(name, raw_value.decode("utf-8", "surrogateescape"))
     return copied
 
 
-def upstream_headers(
-    request: web.BaseRequest, strip: frozenset[str], identity: Identity
-) -> CIMultiDict[str]:
-    """The request headers as the upstream receives them."""
-    headers = _copy_headers(request.headers, _REQUEST_DROP | strip)
+class _BadIdentity(ValueError):
+    """An identity header value that cannot go on a header line."""
+
+
+def request_head(
+    request: web.BaseRequest, route: Route, target: Target, identity: Identity
+) -> bytes:
+    """The request head as the upstream receives it, framing headers included."""
+    path = upstream_path(route.base_path, target.rest)
+    if target.query:
+        path = path + "?" + target.query
+    lines = [f"{request.method} {path} HTTP/1.1\r\nHost: {route.host_header}\r\n"]
+
+    headers = request.headers
+    drop = _REQUEST_DROP | route.authenticator.strip | _connection_tokens(headers)
+    for name, value in headers.items():
+        if name.lower() not in drop:
+            lines.append(f"{name}: {value}\r\n")
     for name, value in identity.headers:
-        headers.add(name, value)
+        # Claims come from tokens: a line break there would forge headers.
+        if "\r" in value or "\n" in value or "\x00" in value:
+            raise _BadIdentity(name)
+        lines.append(f"{name}: {value}\r\n")
 
     peer = request.remote or ""
-    prior = request.headers.getall("X-Forwarded-For", ())
-    headers["X-Forwarded-For"] = ", ".join((*prior, peer)) if prior else peer
-    headers["X-Forwarded-Proto"] = request.scheme
-    headers["X-Forwarded-Host"] = request.host
-    return headers
+    prior = headers.getall("X-Forwarded-For", ())
+    forwarded_for = ", ".join((*prior, peer)) if prior else peer
+    lines.append(
+        f"X-Forwarded-For: {forwarded_for}\r\n"
+        f"X-Forwarded-Proto: {request.scheme}\r\n"
+        f"X-Forwarded-Host: {request.host}\r\n"
+    )
+    lines.append(_framing(request))
+    return "".join(lines).encode("utf-8", "surrogateescape")
+
+
+def _framing(request: web.BaseRequest) -> str:
+    """The body framing sent upstream: always ours, never the caller's as-is."""
+    if request.body_exists:
+        length = request.content_length
+        if length is None:
+            return "Transfer-Encoding: chunked\r\n\r\n"
+        return f"Content-Length: {length}\r\n\r\n"
+    if "Content-Length" in request.headers:
+        return "Content-Length: 0\r\n\r\n"
+    return "\r\n"
 
 
 def _expects_continue(request: web.BaseRequest) -> bool:
@@ -121,29 +166,17 @@ def _expects_continue(request: web.BaseRequest) -> bool:
 
 
 class Proxy:
-    """Forwards requests to their agents over one pooled client per worker."""
+    """Forwards requests to their agents over one connection pool per worker."""
 
     def __init__(self, table: PolicyTable, *, connection_limit: int = 0) -> None:
         self._table = table
-        self._connection_limit = connection_limit
-        self._session: aiohttp.ClientSession | None = None
+        self._pool = UpstreamPool(connection_limit=connection_limit)
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(
-            limit=self._connection_limit, keepalive_timeout=30
-        )
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            auto_decompress=False,
-            cookie_jar=aiohttp.DummyCookieJar(),
-            skip_auto_headers=_SKIP_AUTO_HEADERS,
-            timeout=aiohttp.ClientTimeout(total=None),
-            trust_env=False,
-        )
+        """Nothing to prepare: connections are opened as requests need them."""
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        await self._pool.close()
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         """The traffic port's only handler."""
@@ -177,49 +210,64 @@ class Proxy:
         target: Target,
         identity: Identity,
     ) -> web.StreamResponse:
-        assert self._session is not None
+        try:
+            head = request_head(request, route, target, identity)
+        except _BadIdentity:
+            route.metrics.answered(502)
+            return error_response(
+                502, "bad_gateway", "The identity cannot be forwarded to the agent"
+            )
         if _expects_continue(request):
             await request.writer.write(_CONTINUE)
 
+        body = None
+        if request.body_exists:
+            body = request.content.readany
         loop = asyncio.get_running_loop()
         started = loop.time()
         try:
-            upstream = await self._session.request(
-                request.method,
-                route.upstream_url(target.rest, target.query),
-                headers=upstream_headers(request, route.authenticator.strip, identity),
-                data=request.content if request.body_exists else None,
-                allow_redirects=False,
-                timeout=route.client_timeout,
+            upstream = await self._pool.request(
+                route.origin,
+                head,
+                body,
+                chunked=request.content_length is None,
+                head_only=request.method == "HEAD",
+                timeout_s=route.timeout_s,
             )
-        except TimeoutError:
+        except UpstreamTimeout:
             route.metrics.answered(504)
             return error_response(
                 504, "gateway_timeout", "The agent did not answer in time"
             )
-        except aiohttp.ClientError:
+        except UpstreamError:
             route.metrics.answered(502)
             return error_response(502, "bad_gateway", "The agent could not be reached")
 
         route.metrics.latency.observe(loop.time() - started)
         route.metrics.answered(upstream.status)
-        return await self._relay(request, upstream)
+        return await self._relay(request, upstream, route.timeout_s)
 
     async def _relay(
-        self, request: web.BaseRequest, upstream: aiohttp.ClientResponse
+        self, request: web.BaseRequest, upstream: UpstreamResponse, silence_s: float
     ) -> web.StreamResponse:
         """Stream the upstream response to the caller as it arrives."""
         response = web.StreamResponse(
             status=upstream.status,
-            reason=upstream.reason,
-            headers=_copy_headers(upstream.headers, HOP_BY_HOP),
+            reason=upstream.reason.decode("latin-1") or None,
+            headers=_response_headers(upstream.headers),
         )
         try:
             await response.prepare(request)
-            async for chunk in upstream.content.iter_any():
-                await response.write(chunk)
-            await response.write_eof()
-        except (aiohttp.ClientError, TimeoutError, ConnectionError):
+            data = await upstream.read(silence_s)
+            while data and not upstream.ended:
+                await response.write(data)
+                data = await upstream.read(silence_s)
+            if data:
+                # The whole rest is here: it leaves with the end of the body,
+                # headers included when nothing was written yet, in one write.
+                await upstream.read(silence_s)
+            await response.write_eof(data)
+        except (UpstreamError, ConnectionError):
             # Mid-stream, the status is already sent: the only honest signal
             # left is to cut the caller's connection, so a truncated body is
             # never mistaken for a complete one.
@@ -229,8 +277,6 @@ class Proxy:
         except BaseException:
             upstream.close()
             raise
-
-        upstream.release()
         return response
 
 

@@ -1,0 +1,567 @@
+"""The gateway's HTTP/1.1 client to agents: pooled keep-alive connections.
+
+Proxying is what the gateway exists for, and a general-purpose client spent
+most of a request's CPU. This one does only what a proxy needs: it sends a
+request head the caller serialized once, streams the request body, parses
+the response with llhttp (``httptools``) and hands the body on as it arrives,
+pausing the agent's socket while the caller is slow. A connection goes back
+to its pool only after a complete response whose framing allows reuse.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any, cast
+
+import httptools
+
+__all__ = [
+    "BodyReader",
+    "Origin",
+    "UpstreamError",
+    "UpstreamPool",
+    "UpstreamResponse",
+    "UpstreamTimeout",
+]
+
+#: Reads the next piece of the request body; ``b""`` once it is complete.
+BodyReader = Callable[[], Awaitable[bytes]]
+
+# Response bytes buffered for a slow caller before the agent's socket is
+# paused; it is resumed as soon as the caller has taken them.
+_HIGH_WATER = 256 * 1024
+
+_NO_BODY_STATUS = frozenset({204, 304})
+
+
+class UpstreamError(Exception):
+    """The agent could not be reached, or broke the exchange."""
+
+
+class UpstreamTimeout(UpstreamError):
+    """The agent was silent for longer than the route allows."""
+
+
+class _DeadConnection(UpstreamError):
+    """A pooled connection closed before any byte of its response arrived."""
+
+
+class Origin:
+    """Where a route's connections go: scheme, host and port."""
+
+    __slots__ = ("host", "key", "port", "tls")
+
+    def __init__(self, scheme: str, host: str, port: int) -> None:
+        self.host = host
+        self.port = port
+        self.tls = scheme == "https"
+        self.key = (scheme, host, port)
+
+
+class _Connection(asyncio.Protocol):
+    """One upstream connection and the exchange in progress on it."""
+
+    def __init__(self, pool: UpstreamPool, key: tuple[str, str, int]) -> None:
+        self.pool = pool
+        self.key = key
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.closed = False
+        self.idle_handle: asyncio.TimerHandle | None = None
+        self.reused = False
+        self.sender: asyncio.Task[None] | None = None
+        self._write_paused = False
+        self._drain: asyncio.Future[None] | None = None
+        self._reset_exchange(False)
+
+    def _reset_exchange(self, head_only: bool) -> None:
+        self.head_only = head_only
+        self.head: asyncio.Future[UpstreamResponse] | None = None
+        self.response: UpstreamResponse | None = None
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.reason = b""
+        self.any_bytes = False
+        self.framed = False
+        self.done = False
+        self.keep_alive = False
+        self.error: UpstreamError | None = None
+        self.chunks: list[bytes] = []
+        self.buffered = 0
+        self.reading_paused = False
+        self.waiter: asyncio.Future[None] | None = None
+        self.body_started = False
+        self.body_done = True
+        self.stale_parser = False
+
+    # --- asyncio.Protocol ---------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses.
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        if self.head is None:
+            # Bytes on an idle connection: it can no longer be trusted.
+            self.close()
+            return
+        self.any_bytes = True
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError:
+            self._fail(UpstreamError("malformed response"))
+            self.close()
+        if self.stale_parser:
+            # A HEAD answer ends with its headers, whatever they announce.
+            self.parser = httptools.HttpResponseParser(self)
+            self.stale_parser = False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.pool._lost(self)
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_exception(UpstreamError("connection lost"))
+        if self.head is None or self.done:
+            return
+        if self.response is None:
+            if self.reused and not self.any_bytes:
+                self._fail(_DeadConnection("pooled connection was closed"))
+            else:
+                self._fail(UpstreamError("connection closed before a response"))
+        elif not self.framed:
+            # Read-until-close framing: the close is the end of the body.
+            self.done = True
+            self._wake()
+        else:
+            self._fail(UpstreamError("connection closed mid-body"))
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_result(None)
+
+    # --- httptools callbacks --------------------------------------------------
+
+    def on_status(self, status: bytes) -> None:
+        self.reason += status
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        status = self.parser.get_status_code()
+        if 100 <= status < 200:
+            if status == 101:
+                raise UpstreamError("unexpected protocol switch")
+            # An interim answer: the final one follows on the same stream.
+            self.headers = []
+            self.reason = b""
+            return
+        self.framed = _framed(self.headers)
+        response = UpstreamResponse(self, status, self.reason, self.headers)
+        self.response = response
+        if self.head_only or status in _NO_BODY_STATUS:
+            self.framed = True
+        if self.head_only:
+            self.done = True
+            self.keep_alive = self.parser.should_keep_alive()
+            self.stale_parser = True
+        assert self.head is not None
+        if not self.head.done():
+            self.head.set_result(response)
+
+    def on_body(self, body: bytes) -> None:
+        if self.done:
+            # Bytes after a HEAD answer: the stream is out of step.
+            self.keep_alive = False
+            return
+        self.chunks.append(body)
+        self.buffered += len(body)
+        if self.buffered > _HIGH_WATER and not self.reading_paused:
+            self.reading_paused = True
+            assert self.transport is not None
+            self.transport.pause_reading()
+        self._wake()
+
+    def on_message_complete(self) -> None:
+        if self.response is None or self.done:
+            return
+        self.done = True
+        self.keep_alive = self.framed and self.parser.should_keep_alive()
+        self._wake()
+
+    # --- the exchange ---------------------------------------------------------
+
+    def begin(self, head: bytes, head_only: bool) -> asyncio.Future[UpstreamResponse]:
+        self._reset_exchange(head_only)
+        fut: asyncio.Future[UpstreamResponse] = self.loop.create_future()
+        self.head = fut
+        assert self.transport is not None
+        self.transport.write(head)
+        return fut
+
+    def _fail(self, error: UpstreamError) -> None:
+        self.error = error
+        if self.head is not None and not self.head.done():
+            self.head.set_exception(error)
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def take(self) -> bytes:
+        """Every body byte received so far."""
+        chunks = self.chunks
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        self.chunks = []
+        self.buffered = 0
+        if self.reading_paused:
+            self.reading_paused = False
+            if self.transport is not None:
+                self.transport.resume_reading()
+        return data
+
+    async def wait(self, silence_s: float) -> None:
+        """Until more body, the end, or an error; silence is a timeout."""
+        waiter: asyncio.Future[None] = self.loop.create_future()
+        self.waiter = waiter
+        handle = self.loop.call_later(silence_s, _expire, waiter)
+        try:
+            await waiter
+        finally:
+            handle.cancel()
+            self.waiter = None
+
+    async def drain(self) -> None:
+        if self.closed:
+            raise UpstreamError("connection lost")
+        if self._write_paused:
+            self._drain = self.loop.create_future()
+            await self._drain
+
+    def write(self, data: bytes) -> None:
+        if self.closed or self.transport is None:
+            raise UpstreamError("connection lost")
+        self.transport.write(data)
+
+    def reusable(self) -> bool:
+        return (
+            self.done
+            and self.keep_alive
+            and self.body_done
+            and self.error is None
+            and not self.closed
+        )
+
+    def close(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.abort()
+        self.closed = True
+
+
+def _framed(headers: list[tuple[bytes, bytes]]) -> bool:
+    """Whether a response announces its length (Content-Length or chunked)."""
+    for name, value in headers:
+        lower = name.lower()
+        if lower == b"content-length":
+            return True
+        if lower == b"transfer-encoding":
+            return value.rstrip().lower().endswith(b"chunked")
+    return False
+
+
+def _expire(waiter: asyncio.Future[Any]) -> None:
+    if not waiter.done():
+        waiter.set_exception(UpstreamTimeout("the agent was silent too long"))
+
+
+class UpstreamResponse:
+    """An agent's response head; the body is read piece by piece."""
+
+    __slots__ = ("_conn", "_open", "headers", "reason", "status")
+
+    def __init__(
+        self,
+        conn: _Connection,
+        status: int,
+        reason: bytes,
+        headers: list[tuple[bytes, bytes]],
+    ) -> None:
+        self._conn = conn
+        self._open = True
+        self.status = status
+        self.reason = reason
+        self.headers = headers
+
+    @property
+    def ended(self) -> bool:
+        """Nothing more will arrive: what is buffered is the rest of the body."""
+        return self._conn.done and self._conn.error is None
+
+    async def read(self, silence_s: float) -> bytes:
+        """The body received since the last read; ``b""`` at its end.
+
+        Raises UpstreamError when the agent breaks off mid-body or is silent
+        for ``silence_s`` seconds: the caller must then cut its own connection,
+        never end the body as if it were complete.
+        """
+        conn = self._conn
+        while True:
+            if conn.chunks:
+                return conn.take()
+            if conn.error is not None:
+                self.close()
+                raise conn.error
+            if conn.done:
+                self._finish()
+                return b""
+            try:
+                await conn.wait(silence_s)
+            except BaseException:
+                self.close()
+                raise
+
+    def _finish(self) -> None:
+        conn = self._conn
+        self._open = False
+        if conn.reusable():
+            conn.pool._release(conn)
+        else:
+            conn.pool._discard(conn)
+
+    def close(self) -> None:
+        """Abandon the response: its connection is closed, never pooled."""
+        if self._open:
+            self._open = False
+            self._conn.pool._discard(self._conn)
+
+
+class UpstreamPool:
+    """Keep-alive connections of one worker, by (scheme, host, port)."""
+
+    def __init__(self, *, connection_limit: int = 0, idle_timeout: float = 30.0):
+        self._limit = connection_limit
+        self._idle_timeout = idle_timeout
+        self._idle: dict[tuple[str, str, int], list[_Connection]] = {}
+        self._open = 0
+        self._all: set[_Connection] = set()
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._ssl: ssl.SSLContext | None = None
+
+    async def request(
+        self,
+        origin: Origin,
+        head: bytes,
+        body: BodyReader | None,
+        *,
+        chunked: bool,
+        head_only: bool,
+        timeout_s: float,
+    ) -> UpstreamResponse:
+        """Send a request; its response once the headers are in.
+
+        ``head`` is the serialized request head, framing headers included;
+        ``body`` is read until ``b""`` and sent chunked when ``chunked``.
+        Connect and response headers must come within ``timeout_s`` seconds.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        conn = await self._acquire(origin, deadline, fresh=False)
+        try:
+            return await self._exchange(conn, head, body, chunked, head_only, deadline)
+        except _DeadConnection:
+            if conn.body_started:
+                raise
+        # The agent closed an idle connection as it was reused; nothing of
+        # the body was consumed, so the request can go again, once.
+        conn = await self._acquire(origin, deadline, fresh=True)
+        return await self._exchange(conn, head, body, chunked, head_only, deadline)
+
+    async def _exchange(
+        self,
+        conn: _Connection,
+        head: bytes,
+        body: BodyReader | None,
+        chunked: bool,
+        head_only: bool,
+        deadline: float,
+    ) -> UpstreamResponse:
+        loop = conn.loop
+        fut = conn.begin(head, head_only)
+        sender = None
+        if body is not None:
+            conn.body_done = False
+            sender = loop.create_task(_send_body(conn, body, chunked))
+            sender.add_done_callback(lambda task: _sent(conn, task))
+            conn.sender = sender
+        handle = loop.call_at(deadline, _expire, fut)
+        try:
+            response = await fut
+        except BaseException:
+            handle.cancel()
+            if sender is not None:
+                sender.cancel()
+            self._discard(conn)
+            raise
+        handle.cancel()
+        return response
+
+    async def _acquire(
+        self, origin: Origin, deadline: float, *, fresh: bool
+    ) -> _Connection:
+        if not fresh:
+            conn = self._take_idle(origin.key)
+            if conn is not None:
+                return conn
+        try:
+            async with asyncio.timeout_at(deadline):
+                while self._limit and self._open >= self._limit:
+                    # At the cap: a connection of ours freed meanwhile is
+                    # reused; an idle one of another agent makes room.
+                    if not fresh:
+                        conn = self._take_idle(origin.key)
+                        if conn is not None:
+                            return conn
+                    if not self._close_oldest_idle():
+                        await self._wait_room()
+                return await self._connect(origin)
+        except TimeoutError:
+            raise UpstreamTimeout("connect timed out") from None
+
+    def _take_idle(self, key: tuple[str, str, int]) -> _Connection | None:
+        idle = self._idle.get(key)
+        while idle:
+            conn = idle.pop()
+            if conn.idle_handle is not None:
+                conn.idle_handle.cancel()
+                conn.idle_handle = None
+            if not conn.closed:
+                conn.reused = True
+                return conn
+        return None
+
+    async def _wait_room(self) -> None:
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        finally:
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
+
+    def _close_oldest_idle(self) -> bool:
+        for idle in self._idle.values():
+            if idle:
+                conn = idle.pop(0)
+                self._discard(conn)
+                return True
+        return False
+
+    async def _connect(self, origin: Origin) -> _Connection:
+        loop = asyncio.get_running_loop()
+        context = None
+        if origin.tls:
+            if self._ssl is None:
+                self._ssl = ssl.create_default_context()
+            context = self._ssl
+        self._open += 1
+        try:
+            _, conn = await loop.create_connection(
+                lambda: _Connection(self, origin.key),
+                origin.host,
+                origin.port,
+                ssl=context,
+            )
+        except OSError as exc:
+            self._open -= 1
+            self._wake_one()
+            raise UpstreamError("connect failed") from exc
+        except BaseException:
+            self._open -= 1
+            self._wake_one()
+            raise
+        self._all.add(conn)
+        return conn
+
+    def _release(self, conn: _Connection) -> None:
+        conn.head = None
+        conn.sender = None
+        self._idle.setdefault(conn.key, []).append(conn)
+        conn.idle_handle = conn.loop.call_later(
+            self._idle_timeout, self._expire_idle, conn
+        )
+        self._wake_one()
+
+    def _expire_idle(self, conn: _Connection) -> None:
+        conn.idle_handle = None
+        idle = self._idle.get(conn.key)
+        if idle is not None and conn in idle:
+            idle.remove(conn)
+        self._discard(conn)
+
+    def _discard(self, conn: _Connection) -> None:
+        conn.head = None
+        sender = conn.sender
+        if sender is not None and not sender.done():
+            sender.cancel()
+        conn.close()
+
+    def _lost(self, conn: _Connection) -> None:
+        if conn in self._all:
+            self._all.discard(conn)
+            self._open -= 1
+            self._wake_one()
+        if conn.idle_handle is not None:
+            conn.idle_handle.cancel()
+            conn.idle_handle = None
+        idle = self._idle.get(conn.key)
+        if idle is not None and conn in idle:
+            idle.remove(conn)
+
+    def _wake_one(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    async def close(self) -> None:
+        """Close every connection, idle or busy."""
+        for conn in list(self._all):
+            conn.close()
+        self._idle.clear()
+        # Let the transports report their loss before the loop goes.
+        await asyncio.sleep(0)
+
+
+async def _send_body(conn: _Connection, read: BodyReader, chunked: bool) -> None:
+    """Stream the request body, waiting whenever the agent's socket is full."""
+    while True:
+        chunk = await read()
+        if not chunk:
+            break
+        conn.body_started = True
+        if chunked:
+            conn.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+        else:
+            conn.write(chunk)
+        await conn.drain()
+    conn.body_started = True
+    if chunked:
+        conn.write(b"0\r\n\r\n")
+    conn.body_done = True
+
+
+def _sent(conn: _Connection, task: asyncio.Task[None]) -> None:
+    """A body that could not be sent whole leaves its connection unusable."""
+    if task.cancelled() or task.exception() is not None:
+        conn.body_done = False
+        conn.close()

@@ -1,0 +1,704 @@
+"""The upstream client against small HTTP servers written here, on real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+
+from gateway.upstream import (
+    Origin,
+    UpstreamError,
+    UpstreamPool,
+    UpstreamResponse,
+    UpstreamTimeout,
+    _Connection,
+)
+from tests.fixtures.stack import free_port
+
+Handler = Callable[["Peer"], Awaitable[None]]
+
+GET = b"GET /x HTTP/1.1\r\nHost: agent\r\n\r\n"
+HEAD = b"HEAD /x HTTP/1.1\r\nHost: agent\r\n\r\n"
+
+
+class Peer:
+    """One connection accepted by the test upstream."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        self.reader = reader
+        self.writer = writer
+
+    async def head(self) -> bytes:
+        """The next request head, or b"" once the client closed."""
+        try:
+            return await self.reader.readuntil(b"\r\n\r\n")
+        except asyncio.IncompleteReadError:
+            return b""
+
+    async def send(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+
+class Upstream:
+    """A raw HTTP/1.1 server; each connection runs ``handler``."""
+
+    def __init__(self, handler: Handler, rcvbuf: int = 0) -> None:
+        self.handler = handler
+        self.rcvbuf = rcvbuf
+        self.peers: list[Peer] = []
+        self.tasks: list[asyncio.Task[None]] = []
+        self.closed = 0
+        self.server: asyncio.Server | None = None
+        self.port = 0
+
+    async def start(self) -> None:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if self.rcvbuf:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.rcvbuf)
+        sock.bind(("127.0.0.1", 0))
+        self.port = sock.getsockname()[1]
+        self.server = await asyncio.start_server(self._serve, sock=sock)
+
+    async def _serve(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        peer = Peer(reader, writer)
+        self.peers.append(peer)
+        task = asyncio.current_task()
+        assert task is not None
+        self.tasks.append(task)
+        try:
+            await self.handler(peer)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+            self.closed += 1
+
+    @property
+    def origin(self) -> Origin:
+        return Origin("http", "127.0.0.1", self.port)
+
+    async def stop(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        for peer in self.peers:
+            peer.writer.close()
+        if self.tasks:
+            await asyncio.wait(self.tasks)
+
+
+@pytest.fixture
+async def pool() -> AsyncIterator[UpstreamPool]:
+    pool = UpstreamPool()
+    yield pool
+    await pool.close()
+
+
+@pytest.fixture
+async def serve() -> AsyncIterator[Callable[..., Awaitable[Upstream]]]:
+    started: list[Upstream] = []
+
+    async def start(handler: Handler, rcvbuf: int = 0) -> Upstream:
+        upstream = Upstream(handler, rcvbuf)
+        await upstream.start()
+        started.append(upstream)
+        return upstream
+
+    yield start
+    for upstream in started:
+        await upstream.stop()
+
+
+def answering(*answers: bytes) -> Handler:
+    """A keep-alive server that sends ``answers`` in turn, one per request."""
+
+    async def handler(peer: Peer) -> None:
+        for answer in answers:
+            if not await peer.head():
+                return
+            await peer.send(answer)
+        await peer.head()
+
+    return handler
+
+
+async def get(
+    pool: UpstreamPool, upstream: Upstream, head: bytes = GET, timeout_s: float = 5
+) -> UpstreamResponse:
+    return await pool.request(
+        upstream.origin,
+        head,
+        None,
+        chunked=False,
+        head_only=head.startswith(b"HEAD "),
+        timeout_s=timeout_s,
+    )
+
+
+async def body_of(response: UpstreamResponse) -> bytes:
+    parts = []
+    while chunk := await response.read(5):
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+async def until(check: Callable[[], bool]) -> None:
+    for _ in range(400):
+        if check():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition never held")
+
+
+# -- response framing -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("answer", "body"),
+    [
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello", b"hello"),
+        (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"3\r\nhel\r\n2;ext=1\r\nlo\r\n0\r\nX-Trailer: t\r\n\r\n",
+            b"hello",
+        ),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", b""),
+    ],
+)
+async def test_upstream_framed_response_is_read_and_connection_reused(
+    pool: UpstreamPool,
+    serve: Callable[..., Awaitable[Upstream]],
+    answer: bytes,
+    body: bytes,
+) -> None:
+    upstream = await serve(answering(answer, answer))
+
+    for _ in range(2):
+        response = await get(pool, upstream)
+        assert (response.status, response.reason) == (200, b"OK")
+        assert await body_of(response) == body
+
+    assert len(upstream.peers) == 1
+
+
+async def test_upstream_close_delimited_response_ends_at_close(
+    pool: UpstreamPool, serve: Callable[..., Awaitable[Upstream]]
+) -> None:
+    async def handler(peer: Peer) -> None:
+        await peer.head()
+        await peer.send(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil ")
+        await peer.send(b"close")
+
+    upstream = await serve(handler)
+    response = await get(pool, upstream)
+    assert await body_of(response) == b"until close"
+    assert response.headers == [(b"Content-Type", b"text/plain")]
+
+    response = await get(pool, upstream)
+    assert await body_of(response) == b"until close"
+    assert len(upstream.peers) == 2
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok",
+        b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok",
+    ],
+)
+async def test_upstream_connection_not_reused_when_framing_forbids(
+    pool: UpstreamPool, serve: Callable[..., Awaitable[Upstream]], answer: bytes
+) -> None:
+    upstream = await serve(answering(answer, answer))
+
+    for _ in range(2):
+        assert await body_of(await get(pool, upstream)) == b"ok"
+
+    assert len(upstream.peers) == 2
+
+
+class FakeTransport:
+    """Collects what the connection writes; delivers nothing by itself."""
+
+    def __init__(self) -> None:
+        self.written = b""
+        self.paused = False
+        self.aborted = False
+
+    def write(self, data: bytes) -> None:
+        self.written += data
+
+    def pause_reading(self) -> None:
+        self.paused = True
+
+    def resume_reading(self) -> None:
+        self.paused = False
+
+    def abort(self) -> None:
+        self.aborted = True
+
+    def is_closing(self) -> bool:
+        return self.aborted
+
+
+CHUNKED_SSE = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+    b"Transfer-Encoding: chunked\r\n\r\n"
+    b"d\r\ndata: first\n\n\r\ne\r\ndata: second\n\n\r\n0\r\n\r\n"
+)
+
+
+@pytest.mark.parametrize("cut", range(1, len(CHUNKED_SSE)))
+async def test_upstream_response_split_at_every_byte_boundary(cut: int) -> None:
+    pool = UpstreamPool()
+    conn = _Connection(pool, ("http", "agent", 80))
+    transport = FakeTransport()
+    conn.connection_made(transport)  # type: ignore[arg-type]
+    head = conn.begin(GET, head_only=False)
+
+    conn.data_received(CHUNKED_SSE[:cut])
+    conn.data_received(CHUNKED_SSE[cut:])
+
+    response = head.result()
+    assert response.status == 200
+    assert response.headers == [
+        (b"Content-Type", b"text/event-stream"),
+        (b"Transfer-Encoding", b"chunked"),
+    ]
+    assert await body_of(response) == b"data: first\n\ndata: second\n\n"
+    assert transport.written == GET
+    assert conn.reusable()
+
+
+# -- responses without a body ----------------------------------------------------
+
+
+async def test_upstream_head_response_has_no_body_and_connection_is_reused(
+    pool: UpstreamPool, serve: Callable[..., Awaitable[Upstream]]
+) -> None:
+    ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n"
+    upstream = await serve(answering(head, ok))
+
+    response = await get(pool, upstream, HEAD)
+    assert response.status == 200
+    assert (b"Content-Length", b"1000") in response.headers
+    assert await body_of(response) == b""
+
+    assert await body_of(await get(pool, upstream)) == b"ok"
+    assert len(upstream.peers) == 1
+
+
+@pytest.mark.parametrize(
+    ("answer", "status"),
+    [
+        (b"HTTP/1.1 204 No Content\r\n\r\n", 204),
+        (b'HTTP/1.1 304 Not Modified\r\nETag: "v1"\r\n\r\n', 304),
+    ],
+)
+async def test_upstream_no_body_statuses_end_at_headers(
+    pool: UpstreamPool,
+    serve: Callable[..., Awaitable[Upstream]],
+    answer: bytes,
+    status: int,
+) -> None:
+    ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    upstream = await serve(answering(answer, ok))
+
+    response = await get(pool, upstream)
+    assert response.status == status
+    assert await body_of(response) == b""
+    assert await body_of(await get(pool, upstream)) == b"ok"
+    assert len(upstream.peers) == 1
+
+
+async def test_upstream_interim_responses_are_skipped(
+    pool: UpstreamPool, serve: Callable[..., Awaitable[Upstream]]
+) -> None:
+    answer = (
+        b"HTTP/1.1 100 Continue\r\n\r\n"
+        b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n"
+        b"HTTP/1.1 201 Created\r\nContent-Length: 4\r\n\r\ndone"
+    )
+    upstream = await serve(answering(answer))
+
+    response = await get(pool, upstream)
+    assert (response.status, response.reason) == (201, b"Created")
+    assert response.headers == [(b"Content-Length", b"4")]
+    assert await body_of(response) == b"done"
+
+
+# -- the pool ---------------------------------------------------------------------
+
+
+async def test_upstream_keep_alive_serves_many_requests_on_one_connection(
+    pool: UpstreamPool, serve: Callable[..., Awaitable[Upstream]]
+) -> None:
+    seen: list[bytes] = []
+
+    async def handler(peer: Peer) -> None:
+        while head := await peer.head():
+            seen.append(head)
+            await peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+    upstream = await serve(handler)
+    for _ in range(5):
+        assert await body_of(await get(pool, upstream)) == b"ok"
+
+    assert seen == [GET] * 5
+    assert len(upstream.peers) == 1
+
+
+async def test_upstream_pooled_connection_closed_while_idle_is_replaced(
+    pool: UpstreamPool, serve: Callable[..., Awaitable[Upstream]]
+) -> None:
+    async def handler(peer: Peer) -> None:
+        await peer.head()
+        await peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+    upstream = await serve(handler)
+    assert await body_of(await get(pool, upstream)) == b"ok"
+    await until(lambda: upstream.closed == 1)
+
+    assert await body_of(await get(pool, upstream)) == b"ok"
+    assert len(upstream.peers) == 2
+
+
+async def test_upstream_pooled_connection_dead_on_reuse_is_retried_once(
+    pool: UpstreamPool, serve: Callable[..., Awaitable[Upstream]]
+) -> None:
+    async def handler(peer: Peer) -> None:
+        # Answers one request, then drops the connection as the next arrives:
+        # what an agent closing an idle connection looks like to the reuser.
+        await peer.head()
+        await peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await peer.head()
+
+    upstream = await serve(handler)
+    assert await body_of(await get(pool, upstream)) == b"ok"
+    assert await body_of(await get(pool, upstream)) == b"ok"
+    assert len(upstream.peers) == 2
+
+
+async def test_upstream_dead_connection_not_retried_once_body_was_sent(
+    pool: UpstreamPool, serve: Callable[..., Awaitable[Upstream]]
+) -> None:
+    async def handler(peer: Peer) -> None:
+        await peer.head()
+        await peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await peer.head()
+        await peer.reader.readexactly(4)
+
+    upstream = await serve(handler)
+    assert await body_of(await get(pool, upstream)) == b"ok"
+
+    parts = [b"body", b""]
+
+    async def read() -> bytes:
+        return parts.pop(0)
+
+    post = b"POST /x HTTP/1.1\r\nHost: agent\r\nContent-Length: 4\r\n\r\n"
+    with pytest.raises(UpstreamError) as caught:
+        await pool.request(
+            upstream.origin, post, read, chunked=False, head_only=False, timeout_s=5
+        )
+    assert type(caught.value) is not UpstreamTimeout
+    assert len(upstream.peers) == 1
+
+
+async def test_upstream_connection_limit_queues_requests(
+    serve: Callable[..., Awaitable[Upstream]],
+) -> None:
+    async def handler(peer: Peer) -> None:
+        while await peer.head():
+            await peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+    upstream = await serve(handler)
+    pool = UpstreamPool(connection_limit=1)
+
+    async def one() -> bytes:
+        return await body_of(await get(pool, upstream))
+
+    assert await asyncio.gather(*(one() for _ in range(4))) == [b"ok"] * 4
+    assert len(upstream.peers) == 1
+    await pool.close()
+
+
+async def test_upstream_idle_connection_expires(
+    serve: Callable[..., Awaitable[Upstream]],
+) -> None:
+    upstream = await serve(answering(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"))
+    pool = UpstreamPool(idle_timeout=0.05)
+
+    assert await body_of(await get(pool, upstream)) == b"ok"
+    await until(lambda: upstream.closed == 1)
+    await pool.close()
+
+
+# -- failures ---------------------------------------------------------------------
+
+
+async def test_upstream_refusing_is_an_error_not_a_timeout(pool: UpstreamPool) -> None:
+    origin = Origin("http", "127.0.0.1", free_port())
+    with pytest.raises(UpstreamError) as caught:
+        await pool.request(
+            origin, GET, None, chunked=False, head_only=False, timeout_s=5
+        )
+    assert type(caught.value) is UpstreamError
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 2OO OK\r\n\r\n",
+        b"garbage\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nok",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nok\r\n0\r\n\r\n",
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\n\r\n",
+    ],
+)
+async def test_upstream_malformed_response_is_an_error(
+    pool: UpstreamPool, serve: Callable[..., Awaitable[Upstream]], answer: bytes
+) -> None:
+    upstream = await serve(answering(answer))
+    with pytest.raises(UpstreamError) as caught:
+        await body_of(await get(pool, upstream))
+    assert type(caught.value) is UpstreamError
+
+
+async def test_upstream_silent_before_headers_times_out(
+    pool: UpstreamPool, serve: Callable[..., Awaitable[Upstream]]
+) -> None:
+    async def handler(peer: Peer) -> None:
+        await peer.head()
+        await peer.head()
+
+    upstream = await serve(handler)
+    with pytest.raises(UpstreamTimeout):
+        await get(pool, upstream, timeout_s=0.2)
+    await until(lambda: upstream.closed == 1)
+
+
+async def test_upstream_stream_silent_between_chunks_is_cut(
+    pool: UpstreamPool, serve: Callable[..., Awaitable[Upstream]]
+) -> None:
+    async def handler(peer: Peer) -> None:
+        await peer.head()
+        await peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello")
+        await peer.head()
+
+    upstream = await serve(handler)
+    response = await get(pool, upstream, timeout_s=5)
+    assert await response.read(5) == b"hello"
+    with pytest.raises(UpstreamTimeout):
+        await response.read(0.2)
+    await until(lambda: upstream.closed == 1)
+
+
+async def test_upstream_closing_mid_body_is_an_error_never_a_short_body(
+    pool: UpstreamPool, serve: Callable[..., Awaitable[Upstream]]
+) -> None:
+    async def handler(peer: Peer) -> None:
+        await peer.head()
+        await peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello")
+
+    upstream = await serve(handler)
+    response = await get(pool, upstream)
+    received = b""
+    with pytest.raises(UpstreamError) as caught:
+        while True:
+            received += await response.read(5)
+    assert type(caught.value) is UpstreamError
+    assert received == b"hello"
+
+
+# -- streaming and flow control --------------------------------------------------
+
+
+async def test_upstream_sse_events_arrive_one_by_one(
+    pool: UpstreamPool, serve: Callable[..., Awaitable[Upstream]]
+) -> None:
+    second = asyncio.Event()
+
+    async def handler(peer: Peer) -> None:
+        await peer.head()
+        await peer.send(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\nd\r\ndata: first\n\n\r\n"
+        )
+        await second.wait()
+        await peer.send(b"e\r\ndata: second\n\n\r\n0\r\n\r\n")
+        await peer.head()
+
+    upstream = await serve(handler)
+    response = await get(pool, upstream)
+    assert await response.read(5) == b"data: first\n\n"
+    second.set()
+    assert await response.read(5) == b"data: second\n\n"
+    assert await response.read(5) == b""
+
+
+async def test_upstream_slow_reader_pauses_the_agent(
+    pool: UpstreamPool, serve: Callable[..., Awaitable[Upstream]]
+) -> None:
+    size = 16 * 1024 * 1024
+    sent = 0
+
+    async def handler(peer: Peer) -> None:
+        nonlocal sent
+        await peer.head()
+        await peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size)
+        block = b"x" * 65536
+        while sent < size:
+            await peer.send(block)
+            sent += len(block)
+        await peer.head()
+
+    upstream = await serve(handler)
+    response = await get(pool, upstream)
+    conn = response._conn
+    await until(lambda: conn.reading_paused)
+    # The agent is held back by the kernel's buffers, not by our memory.
+    for _ in range(50):
+        await asyncio.sleep(0)
+    assert conn.buffered < 512 * 1024
+    assert sent < size
+
+    assert len(await body_of(response)) == size
+    assert len(upstream.peers) == 1
+
+
+async def test_upstream_abandoned_response_closes_the_agent_connection(
+    pool: UpstreamPool, serve: Callable[..., Awaitable[Upstream]]
+) -> None:
+    eof = asyncio.Event()
+
+    async def handler(peer: Peer) -> None:
+        await peer.head()
+        await peer.send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        await peer.send(b"5\r\nfirst\r\n")
+        assert await peer.reader.read() == b""
+        eof.set()
+
+    upstream = await serve(handler)
+    response = await get(pool, upstream)
+    assert await response.read(5) == b"first"
+    response.close()
+    await eof.wait()
+    assert upstream.closed == 1
+
+
+async def test_upstream_cancelled_request_closes_the_agent_connection(
+    pool: UpstreamPool, serve: Callable[..., Awaitable[Upstream]]
+) -> None:
+    got = asyncio.Event()
+    eof = asyncio.Event()
+
+    async def handler(peer: Peer) -> None:
+        await peer.head()
+        got.set()
+        assert await peer.reader.read() == b""
+        eof.set()
+
+    upstream = await serve(handler)
+    task = asyncio.create_task(get(pool, upstream))
+    await got.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await eof.wait()
+    assert len(upstream.peers) == 1
+
+
+@pytest.mark.parametrize(
+    ("chunked", "framing", "wire"),
+    [
+        (False, b"Content-Length: 10\r\n", b"hellothere"),
+        (
+            True,
+            b"Transfer-Encoding: chunked\r\n",
+            b"5\r\nhello\r\n5\r\nthere\r\n0\r\n\r\n",
+        ),
+    ],
+)
+async def test_upstream_request_body_is_framed_as_announced(
+    pool: UpstreamPool,
+    serve: Callable[..., Awaitable[Upstream]],
+    chunked: bool,
+    framing: bytes,
+    wire: bytes,
+) -> None:
+    received = asyncio.Future[bytes]()
+
+    async def handler(peer: Peer) -> None:
+        await peer.head()
+        received.set_result(await peer.reader.readexactly(len(wire)))
+        await peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        while await peer.head():
+            await peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+    upstream = await serve(handler)
+    parts = [b"hello", b"there", b""]
+
+    async def read() -> bytes:
+        return parts.pop(0)
+
+    head = b"POST /x HTTP/1.1\r\nHost: agent\r\n" + framing + b"\r\n"
+    response = await pool.request(
+        upstream.origin, head, read, chunked=chunked, head_only=False, timeout_s=5
+    )
+    assert await body_of(response) == b"ok"
+    assert await received == wire
+
+    assert await body_of(await get(pool, upstream)) == b"ok"
+    assert len(upstream.peers) == 1
+
+
+async def test_upstream_large_request_body_is_streamed_not_buffered(
+    pool: UpstreamPool, serve: Callable[..., Awaitable[Upstream]]
+) -> None:
+    size = 10 * 1024 * 1024
+    block = b"y" * 65536
+    produced = 0
+    snapshot = -1
+
+    async def handler(peer: Peer) -> None:
+        nonlocal snapshot
+        await peer.head()
+        # Read nothing for a while: a client with flow control is held back.
+        for _ in range(200):
+            await asyncio.sleep(0)
+        snapshot = produced
+        total = 0
+        while total < size:
+            total += len(await peer.reader.read(1 << 20))
+        await peer.send(
+            b"HTTP/1.1 200 OK\r\nX-Received: %d\r\nContent-Length: 0\r\n\r\n" % total
+        )
+        await peer.head()
+
+    upstream = await serve(handler, rcvbuf=65536)
+
+    async def read() -> bytes:
+        nonlocal produced
+        if produced >= size:
+            return b""
+        produced += len(block)
+        return block
+
+    head = b"PUT /x HTTP/1.1\r\nHost: agent\r\nContent-Length: %d\r\n\r\n" % size
+    response = await pool.request(
+        upstream.origin, head, read, chunked=False, head_only=False, timeout_s=30
+    )
+    assert response.headers == [
+        (b"X-Received", str(size).encode()),
+        (b"Content-Length", b"0"),
+    ]
+    assert await body_of(response) == b""
+    assert 0 < snapshot < size
