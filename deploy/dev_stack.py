@@ -119,9 +119,16 @@ class Stack:
             if process.poll() is not None:
                 self.stop()
                 raise SystemExit(
-                    f"dev-stack: {' '.join(map(str, process.args))} exited with "
+                    f"dev-stack: {_command(process)} exited with "
                     f"{process.returncode}; see {self.data_dir}/*.log"
                 )
+
+
+def _command(process: subprocess.Popen[bytes]) -> str:
+    args = process.args
+    if isinstance(args, str | bytes | os.PathLike):
+        return os.fsdecode(args)
+    return " ".join(os.fsdecode(arg) for arg in args)
 
 
 def admin_token(data_dir: Path) -> str:

@@ -31,8 +31,10 @@ def test_haproxy_config_accepted_by_haproxy(tmp_path: Path) -> None:
     config = tmp_path / "haproxy.cfg"
     config.write_text(haproxy_config(18080, 18081, public_key))
 
+    haproxy = find_tool("haproxy")
+    assert haproxy is not None
     done = subprocess.run(
-        [find_tool("haproxy"), "-c", "-f", str(config)],
+        [haproxy, "-c", "-f", str(config)],
         capture_output=True,
         text=True,
     )
@@ -47,8 +49,10 @@ def test_nginx_config_accepted_by_nginx(tmp_path: Path) -> None:
     config = tmp_path / "nginx.conf"
     config.write_text(nginx_config(tmp_path, 18082))
 
+    nginx = find_tool("nginx")
+    assert nginx is not None
     done = subprocess.run(
-        [find_tool("nginx"), "-t", "-p", str(tmp_path), "-c", str(config),
+        [nginx, "-t", "-p", str(tmp_path), "-c", str(config),
          "-e", str(tmp_path / "error.log")],
         capture_output=True,
         text=True,

@@ -57,8 +57,8 @@ async def deployed(api: Client, oidc_provider: OidcProvider) -> Client:
             "audiences": [RS256_RESOURCE],
         },
     }
-    body = {"environment": "dev", "endpoint_auth": auth}
-    assert (await call(api, "POST", DEPLOY, body))[0] == 201
+    deploy: dict[str, object] = {"environment": "dev", "endpoint_auth": auth}
+    assert (await call(api, "POST", DEPLOY, deploy))[0] == 201
     return api
 
 

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
+import yarl
 
 from gateway.store import Store, open_store
 from tests.fixtures.stack import (
@@ -56,9 +57,7 @@ def _headers(echo: dict[str, object]) -> dict[str, list[str]]:
 async def test_proxy_forwards_method_path_query_and_body(
     gateway: GatewayProcess, http: aiohttp.ClientSession
 ) -> None:
-    url = aiohttp.client.URL(
-        f"{gateway.url}/p/a/chat/%7Eme/x%2Fy?q=1&r=%2F", encoded=True
-    )
+    url = yarl.URL(f"{gateway.url}/p/a/chat/%7Eme/x%2Fy?q=1&r=%2F", encoded=True)
     async with http.post(url, data=b"hello") as response:
         assert response.status == 200
         echo = await response.json()
@@ -74,7 +73,7 @@ async def test_proxy_forwards_dot_segment_free_path(
     gateway: GatewayProcess, http: aiohttp.ClientSession
 ) -> None:
     url = f"{gateway.url}/p/a/x/%2e%2e/y/./z"
-    async with http.get(aiohttp.client.URL(url, encoded=True)) as response:
+    async with http.get(yarl.URL(url, encoded=True)) as response:
         echo = await response.json()
 
     assert echo["path"] == "/y/z"
@@ -95,7 +94,7 @@ async def test_proxy_forwards_dot_segment_free_path(
 async def test_proxy_unknown_agent_is_404(
     gateway: GatewayProcess, http: aiohttp.ClientSession, path: str
 ) -> None:
-    url = aiohttp.client.URL(gateway.url + path, encoded=True)
+    url = yarl.URL(gateway.url + path, encoded=True)
     async with http.get(url) as response:
         assert response.status == 404
         assert await response.json() == {
