@@ -50,12 +50,26 @@ class AuthFailure(Exception):
 
 
 class Identity:
-    """Headers the gateway adds upstream for an authenticated caller."""
+    """Headers the gateway adds upstream for an authenticated caller.
 
-    __slots__ = ("headers",)
+    ``lines`` is their wire form, built once when the identity is made (a
+    verified token or an API key is reused by many requests); it is None
+    when a value cannot go on a header line, which the proxy refuses.
+    """
+
+    __slots__ = ("headers", "lines")
 
     def __init__(self, headers: tuple[tuple[str, str], ...] = ()) -> None:
         self.headers = headers
+        self.lines = _header_lines(headers)
+
+
+def _header_lines(headers: tuple[tuple[str, str], ...]) -> str | None:
+    for _, value in headers:
+        # Claims come from tokens: a line break there would forge headers.
+        if "\r" in value or "\n" in value or "\x00" in value:
+            return None
+    return "".join(f"{name}: {value}\r\n" for name, value in headers)
 
 
 NO_IDENTITY = Identity()

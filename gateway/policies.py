@@ -19,6 +19,7 @@ from multidict import CIMultiDictProxy
 
 from gateway.apikeys import ApiKeyAuthenticator, ApiKeyTable
 from gateway.auth import IDENTITY_HEADERS, Authenticator, AuthFailure, Identity, NoAuth
+from gateway.headers import REQUEST_DROP
 from gateway.log import policy_log
 from gateway.metrics import RouteMetrics
 from gateway.policy import (
@@ -64,6 +65,7 @@ class Route:
         "agent",
         "authenticator",
         "base_path",
+        "drop",
         "host_header",
         "metrics",
         "origin",
@@ -86,6 +88,7 @@ class Route:
         self.host_header = (host if ":" not in host else f"[{host}]") + port
         self.revision = policy.revision
         self.authenticator = authenticator
+        self.drop = REQUEST_DROP | authenticator.strip
         self.metrics = RouteMetrics(policy.project, policy.agent)
 
 

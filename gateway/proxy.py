@@ -18,6 +18,7 @@ from aiohttp.web_protocol import RequestHandler
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.auth import AuthFailure, Identity
+from gateway.headers import HOP_BY_HOP
 from gateway.metrics import UNROUTED
 from gateway.policies import PolicyTable, Route
 from gateway.routing import InvalidTarget, Target, split_target, upstream_path
@@ -29,39 +30,11 @@ from gateway.upstream import (
 )
 
 __all__ = [
-    "HOP_BY_HOP",
     "Proxy",
     "TrafficServer",
     "error_response",
     "request_head",
 ]
-
-#: RFC 9110 section 7.6.1 hop-by-hop headers, plus the non-standard
-#: Proxy-Connection that some clients still send.
-HOP_BY_HOP = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-    }
-)
-
-# Request headers the gateway sets itself (framing included: the body is
-# framed anew upstream), so a caller's copy never goes upstream.
-_REQUEST_DROP = HOP_BY_HOP | {
-    "host",
-    "content-length",
-    "expect",
-    "x-forwarded-for",
-    "x-forwarded-proto",
-    "x-forwarded-host",
-}
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
@@ -112,29 +85,31 @@ def _response_headers(headers: list[tuple[bytes, bytes]]) -> CIMultiDict[str]:
     return copied
 
 
-class _BadIdentity(ValueError):
-    """An identity header value that cannot go on a header line."""
-
-
 def request_head(
     request: web.BaseRequest, route: Route, target: Target, identity: Identity
 ) -> bytes:
-    """The request head as the upstream receives it, framing headers included."""
+    """The request head as the upstream receives it, framing headers included.
+
+    The identity must be forwardable (``identity.lines`` is not None).
+    """
     path = upstream_path(route.base_path, target.rest)
     if target.query:
         path = path + "?" + target.query
     lines = [f"{request.method} {path} HTTP/1.1\r\nHost: {route.host_header}\r\n"]
 
     headers = request.headers
-    drop = _REQUEST_DROP | route.authenticator.strip | _connection_tokens(headers)
+    drop = route.drop
+    if "Connection" in headers:
+        drop = drop | _connection_tokens(headers)
     for name, value in headers.items():
-        if name.lower() not in drop:
-            lines.append(f"{name}: {value}\r\n")
-    for name, value in identity.headers:
-        # Claims come from tokens: a line break there would forge headers.
-        if "\r" in value or "\n" in value or "\x00" in value:
-            raise _BadIdentity(name)
+        lower = name.lower()
+        # Some agent servers read "_" as "-": X_Auth_Subject must not pass
+        # for the gateway's own X-Auth-Subject.
+        if lower in drop or ("_" in lower and lower.replace("_", "-") in drop):
+            continue
         lines.append(f"{name}: {value}\r\n")
+    assert identity.lines is not None
+    lines.append(identity.lines)
 
     peer = request.remote or ""
     prior = headers.getall("X-Forwarded-For", ())
@@ -210,13 +185,12 @@ class Proxy:
         target: Target,
         identity: Identity,
     ) -> web.StreamResponse:
-        try:
-            head = request_head(request, route, target, identity)
-        except _BadIdentity:
+        if identity.lines is None:
             route.metrics.answered(502)
             return error_response(
                 502, "bad_gateway", "The identity cannot be forwarded to the agent"
             )
+        head = request_head(request, route, target, identity)
         if _expects_continue(request):
             await request.writer.write(_CONTINUE)
 
@@ -230,7 +204,7 @@ class Proxy:
                 route.origin,
                 head,
                 body,
-                chunked=request.content_length is None,
+                length=request.content_length,
                 head_only=request.method == "HEAD",
                 timeout_s=route.timeout_s,
             )

@@ -362,35 +362,36 @@ class UpstreamPool:
         head: bytes,
         body: BodyReader | None,
         *,
-        chunked: bool,
+        length: int | None,
         head_only: bool,
         timeout_s: float,
     ) -> UpstreamResponse:
         """Send a request; its response once the headers are in.
 
         ``head`` is the serialized request head, framing headers included;
-        ``body`` is read until ``b""`` and sent chunked when ``chunked``.
-        Connect and response headers must come within ``timeout_s`` seconds.
+        ``body`` is read until ``b""``: exactly ``length`` bytes, or sent
+        chunked when ``length`` is None. Connect and response headers must
+        come within ``timeout_s`` seconds.
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         conn = await self._acquire(origin, deadline, fresh=False)
         try:
-            return await self._exchange(conn, head, body, chunked, head_only, deadline)
+            return await self._exchange(conn, head, body, length, head_only, deadline)
         except _DeadConnection:
             if conn.body_started:
                 raise
         # The agent closed an idle connection as it was reused; nothing of
         # the body was consumed, so the request can go again, once.
         conn = await self._acquire(origin, deadline, fresh=True)
-        return await self._exchange(conn, head, body, chunked, head_only, deadline)
+        return await self._exchange(conn, head, body, length, head_only, deadline)
 
     async def _exchange(
         self,
         conn: _Connection,
         head: bytes,
         body: BodyReader | None,
-        chunked: bool,
+        length: int | None,
         head_only: bool,
         deadline: float,
     ) -> UpstreamResponse:
@@ -399,7 +400,7 @@ class UpstreamPool:
         sender = None
         if body is not None:
             conn.body_done = False
-            sender = loop.create_task(_send_body(conn, body, chunked))
+            sender = loop.create_task(_send_body(conn, body, length))
             sender.add_done_callback(lambda task: _sent(conn, task))
             conn.sender = sender
         handle = loop.call_at(deadline, _expire, fut)
@@ -542,21 +543,32 @@ class UpstreamPool:
         await asyncio.sleep(0)
 
 
-async def _send_body(conn: _Connection, read: BodyReader, chunked: bool) -> None:
-    """Stream the request body, waiting whenever the agent's socket is full."""
+async def _send_body(conn: _Connection, read: BodyReader, length: int | None) -> None:
+    """Stream the request body, waiting whenever the agent's socket is full.
+
+    A body that does not match its announced length never goes out whole:
+    more bytes than announced would reach the agent as a request of their
+    own, so the exchange fails and its connection is closed instead.
+    """
+    left = length
     while True:
         chunk = await read()
         if not chunk:
             break
         conn.body_started = True
-        if chunked:
+        if left is None:
             conn.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
         else:
+            left -= len(chunk)
+            if left < 0:
+                raise UpstreamError("request body longer than announced")
             conn.write(chunk)
         await conn.drain()
     conn.body_started = True
-    if chunked:
+    if left is None:
         conn.write(b"0\r\n\r\n")
+    elif left:
+        raise UpstreamError("request body shorter than announced")
     conn.body_done = True
 
 

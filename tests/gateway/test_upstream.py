@@ -135,7 +135,7 @@ async def get(
         upstream.origin,
         head,
         None,
-        chunked=False,
+        length=None,
         head_only=head.startswith(b"HEAD "),
         timeout_s=timeout_s,
     )
@@ -406,7 +406,7 @@ async def test_upstream_dead_connection_not_retried_once_body_was_sent(
     post = b"POST /x HTTP/1.1\r\nHost: agent\r\nContent-Length: 4\r\n\r\n"
     with pytest.raises(UpstreamError) as caught:
         await pool.request(
-            upstream.origin, post, read, chunked=False, head_only=False, timeout_s=5
+            upstream.origin, post, read, length=4, head_only=False, timeout_s=5
         )
     assert type(caught.value) is not UpstreamTimeout
     assert len(upstream.peers) == 1
@@ -447,9 +447,7 @@ async def test_upstream_idle_connection_expires(
 async def test_upstream_refusing_is_an_error_not_a_timeout(pool: UpstreamPool) -> None:
     origin = Origin("http", "127.0.0.1", free_port())
     with pytest.raises(UpstreamError) as caught:
-        await pool.request(
-            origin, GET, None, chunked=False, head_only=False, timeout_s=5
-        )
+        await pool.request(origin, GET, None, length=None, head_only=False, timeout_s=5)
     assert type(caught.value) is UpstreamError
 
 
@@ -617,11 +615,11 @@ async def test_upstream_cancelled_request_closes_the_agent_connection(
 
 
 @pytest.mark.parametrize(
-    ("chunked", "framing", "wire"),
+    ("length", "framing", "wire"),
     [
-        (False, b"Content-Length: 10\r\n", b"hellothere"),
+        (10, b"Content-Length: 10\r\n", b"hellothere"),
         (
-            True,
+            None,
             b"Transfer-Encoding: chunked\r\n",
             b"5\r\nhello\r\n5\r\nthere\r\n0\r\n\r\n",
         ),
@@ -630,7 +628,7 @@ async def test_upstream_cancelled_request_closes_the_agent_connection(
 async def test_upstream_request_body_is_framed_as_announced(
     pool: UpstreamPool,
     serve: Callable[..., Awaitable[Upstream]],
-    chunked: bool,
+    length: int | None,
     framing: bytes,
     wire: bytes,
 ) -> None:
@@ -651,7 +649,7 @@ async def test_upstream_request_body_is_framed_as_announced(
 
     head = b"POST /x HTTP/1.1\r\nHost: agent\r\n" + framing + b"\r\n"
     response = await pool.request(
-        upstream.origin, head, read, chunked=chunked, head_only=False, timeout_s=5
+        upstream.origin, head, read, length=length, head_only=False, timeout_s=5
     )
     assert await body_of(response) == b"ok"
     assert await received == wire
@@ -694,7 +692,7 @@ async def test_upstream_large_request_body_is_streamed_not_buffered(
 
     head = b"PUT /x HTTP/1.1\r\nHost: agent\r\nContent-Length: %d\r\n\r\n" % size
     response = await pool.request(
-        upstream.origin, head, read, chunked=False, head_only=False, timeout_s=30
+        upstream.origin, head, read, length=size, head_only=False, timeout_s=30
     )
     assert response.headers == [
         (b"X-Received", str(size).encode()),
@@ -702,3 +700,41 @@ async def test_upstream_large_request_body_is_streamed_not_buffered(
     ]
     assert await body_of(response) == b""
     assert 0 < snapshot < size
+
+
+@pytest.mark.parametrize(
+    ("parts", "sent"),
+    [
+        ([b"hello", b"there!", b""], b"hello"),
+        ([b"hell", b""], b"hell"),
+    ],
+    ids=["longer", "shorter"],
+)
+async def test_upstream_body_not_matching_its_length_fails_and_closes(
+    pool: UpstreamPool,
+    serve: Callable[..., Awaitable[Upstream]],
+    parts: list[bytes],
+    sent: bytes,
+) -> None:
+    received = bytearray()
+    closed = asyncio.Event()
+
+    async def handler(peer: Peer) -> None:
+        await peer.head()
+        while data := await peer.reader.read(65536):
+            received.extend(data)
+        closed.set()
+
+    upstream = await serve(handler)
+
+    async def read() -> bytes:
+        return parts.pop(0)
+
+    head = b"POST /x HTTP/1.1\r\nHost: agent\r\nContent-Length: 10\r\n\r\n"
+    with pytest.raises(UpstreamError) as caught:
+        await pool.request(
+            upstream.origin, head, read, length=10, head_only=False, timeout_s=5
+        )
+    assert type(caught.value) is UpstreamError
+    await asyncio.wait_for(closed.wait(), 5)
+    assert bytes(received) == sent
