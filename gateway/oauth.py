@@ -25,7 +25,7 @@ from gateway.jwks import (
     KeySet,
     KeySource,
 )
-from gateway.metrics import JWKS_FETCHES, OAUTH_REQUESTS, TOKEN_CACHE
+from gateway.metrics import JWKS_FETCHES, OAUTH_REQUESTS, TOKEN_CACHE, Tally
 from gateway.policy import IdentityProviderPolicy, OAuthSettings
 from gateway.tokens import (
     ALGORITHMS,
@@ -64,9 +64,9 @@ REALM = "agent-gateway"
 
 # --- metrics ----------------------------------------------------------------
 
-_ALLOWED = OAUTH_REQUESTS.labels("allowed", "")
+_ALLOWED = Tally(OAUTH_REQUESTS.labels("allowed", ""))
 _DENIED = {
-    reason: OAUTH_REQUESTS.labels("denied", reason)
+    reason: Tally(OAUTH_REQUESTS.labels("denied", reason))
     for reason in (
         "missing",
         "duplicate_header",
@@ -81,8 +81,8 @@ _DENIED = {
         "audience",
     )
 }
-_CACHE_HIT = TOKEN_CACHE.labels("hit")
-_CACHE_MISS = TOKEN_CACHE.labels("miss")
+_CACHE_HIT = Tally(TOKEN_CACHE.labels("hit"))
+_CACHE_MISS = Tally(TOKEN_CACHE.labels("miss"))
 
 
 def _count_fetch(idp: str, ok: bool) -> None:
@@ -300,34 +300,38 @@ def build_routes(settings: OAuthSettings, idps: IdentityProviders) -> dict[str, 
 async def verify(
     token: str, routes: Mapping[str, Route], now: float, trace: Trace | None = None
 ) -> Verified:
-    """Every check of a token, in order; raises TokenError on the first failure."""
+    """Every check of a token, in order; raises TokenError on the first failure.
+
+    With ``trace``, each passed check is reported with a detail; without it
+    (the hot path) no detail is ever formatted.
+    """
     parsed = parse_token(token)
-    _note(trace, "format", f"JWS compact, alg {parsed.alg}")
+    if trace:
+        trace("format", f"JWS compact, alg {parsed.alg}")
     check_algorithm_supported(parsed.alg)
 
     route = routes.get(read_issuer(parsed.claims))
     if route is None:
         raise TokenError("issuer", "token issuer not accepted")
     state = route.state
-    _note(trace, "issuer", state.name)
+    if trace:
+        trace("issuer", state.name)
 
     check_algorithm_allowed(parsed.alg, state.algorithms)
-    _note(trace, "algorithm", f"{parsed.alg} allowed")
+    if trace:
+        trace("algorithm", f"{parsed.alg} allowed")
 
     key = _verify_signature(parsed, await _candidates(state.keyring, parsed), trace)
     claims = read_claims(parsed.claims, state.issuer)
     check_times(claims, now, state.skew)
-    _note(trace, "expiry", f"expires in {claims.exp - now:.0f} s")
-    _note(trace, "not_before", "valid now")
+    if trace:
+        trace("expiry", f"expires in {claims.exp - now:.0f} s")
+        trace("not_before", "valid now")
 
     check_audience(claims, route.audiences)
-    _note(trace, "audience", _audience_detail(route.audiences))
+    if trace:
+        trace("audience", _audience_detail(route.audiences))
     return Verified(state, key, claims)
-
-
-def _note(trace: Trace | None, check: str, detail: str) -> None:
-    if trace is not None:
-        trace(check, detail)
 
 
 def _audience_detail(audiences: frozenset[str]) -> str:
@@ -362,13 +366,14 @@ async def _loaded(keyring: Keyring) -> KeySet:
 def _verify_signature(
     parsed: ParsedToken, keys: tuple[VerificationKey, ...], trace: Trace | None
 ) -> VerificationKey:
-    if parsed.kid is not None:
-        _note(trace, "key", f"kid {parsed.kid!r}")
-    else:
-        _note(trace, "key", f"{len(keys)} candidate key(s), no kid")
+    if trace and parsed.kid is not None:
+        trace("key", f"kid {parsed.kid!r}")
+    elif trace:
+        trace("key", f"{len(keys)} candidate key(s), no kid")
     for key in keys:
         if verify_signature(parsed.alg, key, parsed.signing_input, parsed.signature):
-            _note(trace, "signature", "verified")
+            if trace:
+                trace("signature", "verified")
             return key
     raise TokenError("signature", "invalid signature")
 

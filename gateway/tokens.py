@@ -11,7 +11,7 @@ import binascii
 import math
 import re
 from collections.abc import Collection
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import orjson
 from cryptography.exceptions import InvalidSignature
@@ -55,12 +55,8 @@ CHECKS: Final = (
 #: Longer values are refused before any decoding work.
 MAX_TOKEN_LENGTH: Final = 16384
 
-PublicKey = (
-    rsa.RSAPublicKey
-    | ec.EllipticCurvePublicKey
-    | ed25519.Ed25519PublicKey
-    | ed448.Ed448PublicKey
-)
+_EdKey = ed25519.Ed25519PublicKey | ed448.Ed448PublicKey
+PublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey | _EdKey
 
 
 class TokenError(Exception):
@@ -80,6 +76,7 @@ _PSS = {
     size: padding.PSS(mgf=padding.MGF1(h), salt_length=h.digest_size)
     for size, h in _SHA.items()
 }
+_ECDSA = {size: ec.ECDSA(h) for size, h in _SHA.items()}
 
 #: Every asymmetric JWS algorithm the gateway verifies, with its key family.
 ALGORITHMS: Final[dict[str, str]] = {
@@ -102,7 +99,7 @@ _EC_SIZE = {"ES256": 32, "ES384": 48, "ES512": 66}
 class VerificationKey:
     """One usable public key of an identity provider, built once per JWK."""
 
-    __slots__ = ("algorithms", "kid", "public_key")
+    __slots__ = ("algorithms", "kid", "kind", "public_key")
 
     def __init__(
         self,
@@ -113,6 +110,16 @@ class VerificationKey:
         self.kid = kid
         self.public_key = public_key
         self.algorithms = algorithms
+        # Decided once here: an isinstance check on these ABCs is slow.
+        self.kind = _kind(public_key)
+
+
+def _kind(public_key: PublicKey) -> str:
+    if isinstance(public_key, rsa.RSAPublicKey):
+        return "RSA"
+    if isinstance(public_key, ec.EllipticCurvePublicKey):
+        return "EC"
+    return "OKP"
 
 
 def verify_signature(alg: str, key: VerificationKey, data: bytes, sig: bytes) -> bool:
@@ -120,21 +127,23 @@ def verify_signature(alg: str, key: VerificationKey, data: bytes, sig: bytes) ->
     if alg not in key.algorithms:
         return False
     try:
-        _verify(alg, key.public_key, data, sig)
+        _verify(alg, key, data, sig)
     except (InvalidSignature, ValueError, TypeError):
         return False
     return True
 
 
-def _verify(alg: str, pub: PublicKey, data: bytes, sig: bytes) -> None:
-    family, size = alg[:2], alg[2:]
-    if isinstance(pub, rsa.RSAPublicKey):
-        pad = _PKCS1 if family == "RS" else _PSS[size]
-        pub.verify(sig, data, pad, _SHA[size])
-    elif isinstance(pub, ec.EllipticCurvePublicKey):
-        pub.verify(_raw_to_der(alg, sig), data, ec.ECDSA(_SHA[size]))
+def _verify(alg: str, key: VerificationKey, data: bytes, sig: bytes) -> None:
+    # The kind was read off the key when it was built (casts cost nothing).
+    size = alg[2:]
+    if key.kind == "RSA":
+        pad = _PKCS1 if alg[:2] == "RS" else _PSS[size]
+        cast(rsa.RSAPublicKey, key.public_key).verify(sig, data, pad, _SHA[size])
+    elif key.kind == "EC":
+        der = _raw_to_der(alg, sig)
+        cast(ec.EllipticCurvePublicKey, key.public_key).verify(der, data, _ECDSA[size])
     else:
-        pub.verify(sig, data)
+        cast(_EdKey, key.public_key).verify(sig, data)
 
 
 def _raw_to_der(alg: str, sig: bytes) -> bytes:
@@ -177,22 +186,25 @@ def _after_prefix(value: str, prefix: str) -> str | None:
 
 # --- parsing ----------------------------------------------------------------
 
-_B64URL = re.compile(r"[A-Za-z0-9_-]*")
-_TO_STD = str.maketrans("-_", "+/")
 _ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
 _INDEX = {c: i for i, c in enumerate(_ALPHABET)}
 _PAD = ("", None, "==", "=")
 
 
 def b64url_decode(part: str) -> bytes:
-    """Strict base64url without padding: only canonical encodings decode."""
+    """Strict base64url without padding: only canonical encodings decode.
+
+    The standard alphabet's "+", "/" and "=" are refused first; the strict
+    decoder then refuses every other character outside the alphabet.
+    """
     rem = len(part) % 4
     pad = _PAD[rem]
-    if pad is None or not _B64URL.fullmatch(part):
+    if pad is None or "+" in part or "/" in part or "=" in part:
         raise ValueError("not base64url")
-    if rem and _INDEX[part[-1]] & (0x0F if rem == 2 else 0x03):
+    if rem and _INDEX.get(part[-1], 0) & (0x0F if rem == 2 else 0x03):
         raise ValueError("non-canonical base64url")
-    return binascii.a2b_base64(part.translate(_TO_STD) + pad, strict_mode=True)
+    std = part.replace("-", "+").replace("_", "/") + pad
+    return binascii.a2b_base64(std, strict_mode=True)
 
 
 class ParsedToken:

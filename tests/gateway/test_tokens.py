@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import base64
 import time
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from gateway.jwks import parse_jwk
 from gateway.tokens import (
@@ -90,11 +93,52 @@ def test_b64url_decode_accepts_canonical(text: str, expected: bytes) -> None:
 
 @pytest.mark.parametrize(
     "text",
-    ["YQ==", "YWI=", "Y", "YWJjZ", "+/8", "YW Jj", "YWJj\n", "YR", "YWJ", "é", "YQ.."],
+    [
+        "YQ==",
+        "YWI=",
+        "Y",
+        "YWJjZ",
+        "+/8",
+        "YW Jj",
+        "YWJj\n",
+        "\tYWJj",
+        "YW\x00j",
+        "YR",
+        "YWJ",
+        "é",
+        "YQ..",
+        "YW+j",
+        "YW/j",
+        "YWJ=",
+        "ＹＷＪｊ",
+    ],
 )
 def test_b64url_decode_rejects_non_strict(text: str) -> None:
     with pytest.raises(ValueError):
         b64url_decode(text)
+
+
+_B64_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+_NEAR_B64 = st.one_of(
+    st.sampled_from(_B64_CHARS),
+    st.sampled_from("+/=. \t\n\x00é"),
+    st.characters(codec="utf-8"),
+)
+
+
+@given(st.text(alphabet=_NEAR_B64, max_size=12))
+def test_b64url_decode_only_inverts_the_canonical_encoding(text: str) -> None:
+    try:
+        decoded = b64url_decode(text)
+    except ValueError:
+        return
+    assert base64.urlsafe_b64encode(decoded).rstrip(b"=").decode() == text
+
+
+@given(st.binary(max_size=64))
+def test_b64url_decode_reads_every_canonical_encoding(data: bytes) -> None:
+    text = base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+    assert b64url_decode(text) == data
 
 
 # --- parsing ------------------------------------------------------------------
