@@ -89,7 +89,7 @@ class Route:
         self.revision = policy.revision
         self.authenticator = authenticator
         self.drop = REQUEST_DROP | authenticator.strip
-        self.metrics = RouteMetrics(policy.project, policy.agent)
+        self.metrics = RouteMetrics.of(policy.project, policy.agent)
 
 
 class PolicyTable:

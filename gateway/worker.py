@@ -13,6 +13,7 @@ from aiohttp import web
 
 from gateway.cli import GatewaySettings, configure_logging
 from gateway.log import access_log, gateway_log
+from gateway.metrics import FLUSH_INTERVAL_S, flush
 from gateway.policies import IdentityProviderSink, PolicyTable
 from gateway.proxy import Proxy, TrafficServer
 from gateway.store import open_store
@@ -70,13 +71,23 @@ async def serve(settings: GatewaySettings, on_ready: Callable[[], None]) -> None
     site = web.TCPSite(runner, settings.host, settings.port, reuse_port=True)
     await site.start()
     sync.start()
+    flusher = asyncio.create_task(_flush_metrics())
     gateway_log.info("worker serving %s:%d", settings.host, settings.port)
 
     await stop.wait()
     gateway_log.info("worker draining (up to %.1f s)", settings.drain_grace_s)
     await runner.cleanup()
+    flusher.cancel()
+    flush()  # the drained requests count too
     await _close(sync, proxy, idps, store)
     gateway_log.info("worker stopped")
+
+
+async def _flush_metrics() -> None:
+    """Hand the hot path's tallies to the metrics files, once an interval."""
+    while True:
+        await asyncio.sleep(FLUSH_INTERVAL_S)
+        flush()
 
 
 async def _close(sync: PolicySync, proxy: Proxy, idps: Any, store: Any) -> None:

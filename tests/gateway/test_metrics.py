@@ -1,10 +1,13 @@
-"""Route metrics: label children appear with the first request, not before."""
+"""Route metrics: tallied in the worker, handed to Prometheus by flush()."""
 
 from __future__ import annotations
 
 from prometheus_client import REGISTRY
 
-from gateway.metrics import RouteMetrics
+from gateway.metrics import RouteMetrics, flush
+
+LATENCY = "agw_gateway_upstream_latency_seconds"
+REQUESTS = "agw_gateway_requests_total"
 
 
 def _sample(name: str, project: str, agent: str, **labels: str) -> float | None:
@@ -14,27 +17,51 @@ def _sample(name: str, project: str, agent: str, **labels: str) -> float | None:
 
 
 def test_route_metrics_creates_no_series_until_used() -> None:
-    RouteMetrics("metrics-idle", "agent")
+    RouteMetrics.of("metrics-idle", "agent")
+    flush()
 
-    count = "agw_gateway_upstream_latency_seconds_count"
-    assert _sample(count, "metrics-idle", "agent") is None
-    assert _sample("agw_gateway_requests_total", "metrics-idle", "agent") is None
+    assert _sample(f"{LATENCY}_count", "metrics-idle", "agent") is None
+    assert _sample(REQUESTS, "metrics-idle", "agent") is None
 
 
-def test_route_metrics_counts_latency_and_status_once_used() -> None:
-    metrics = RouteMetrics("metrics-used", "agent")
-
+def test_route_metrics_count_only_once_flushed() -> None:
+    metrics = RouteMetrics.of("metrics-flush", "agent")
+    metrics.answered(200)
     metrics.latency.observe(0.02)
-    metrics.latency.observe(0.3)
+
+    assert _sample(REQUESTS, "metrics-flush", "agent", status="200") == 0.0
+    assert _sample(f"{LATENCY}_count", "metrics-flush", "agent") == 0.0
+    flush()
+    assert _sample(REQUESTS, "metrics-flush", "agent", status="200") == 1.0
+    assert _sample(f"{LATENCY}_count", "metrics-flush", "agent") == 1.0
+    flush()
+    assert _sample(REQUESTS, "metrics-flush", "agent", status="200") == 1.0
+
+
+def test_route_metrics_counts_latency_and_status_as_prometheus_would() -> None:
+    metrics = RouteMetrics.of("metrics-used", "agent")
+
+    for seconds in (0.02, 0.025, 0.3, 61.0):
+        metrics.latency.observe(seconds)
     metrics.answered(200)
     metrics.answered(200)
     metrics.answered(502)
+    flush()
 
-    name = "agw_gateway_upstream_latency_seconds"
-    assert _sample(f"{name}_count", "metrics-used", "agent") == 2.0
-    assert _sample(f"{name}_bucket", "metrics-used", "agent", le="0.025") == 1.0
-    assert _sample(f"{name}_sum", "metrics-used", "agent") == 0.32
-    requests = "agw_gateway_requests_total"
-    assert _sample(requests, "metrics-used", "agent", status="200") == 2.0
-    assert _sample(requests, "metrics-used", "agent", status="502") == 1.0
-    assert metrics.latency is metrics.latency
+    def bucket(le: str) -> float | None:
+        return _sample(f"{LATENCY}_bucket", "metrics-used", "agent", le=le)
+
+    assert _sample(f"{LATENCY}_count", "metrics-used", "agent") == 4.0
+    assert (bucket("0.01"), bucket("0.025"), bucket("0.5")) == (0.0, 2.0, 3.0)
+    assert (bucket("60.0"), bucket("+Inf")) == (3.0, 4.0)
+    assert _sample(f"{LATENCY}_sum", "metrics-used", "agent") == 61.345
+    assert _sample(REQUESTS, "metrics-used", "agent", status="200") == 2.0
+    assert _sample(REQUESTS, "metrics-used", "agent", status="502") == 1.0
+
+
+def test_route_metrics_are_one_per_agent_across_redeploys() -> None:
+    first = RouteMetrics.of("metrics-same", "agent")
+
+    assert RouteMetrics.of("metrics-same", "agent") is first
+    assert RouteMetrics.of("metrics-same", "other") is not first
+    assert first.latency is first.latency

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 import pytest
 import yarl
+from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.store import Store, open_store
 from tests.fixtures.stack import (
@@ -433,3 +434,41 @@ async def test_proxy_invalid_gzip_request_body_is_passed_on_not_hung(
         assert response.status == 200
 
     assert bytes(raw_agent.received).endswith(b"\r\n\r\nnot gzip")
+
+
+async def _metric(
+    http: aiohttp.ClientSession, url: str, name: str, **labels: str
+) -> float:
+    async with http.get(f"{url}/metrics") as response:
+        text = await response.text()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and labels.items() <= sample.labels.items():
+                return float(sample.value)
+    return 0.0
+
+
+async def test_proxy_requests_reach_the_metrics_within_a_flush_interval(
+    gateway: GatewayProcess, http: aiohttp.ClientSession
+) -> None:
+    for path in ("chat", "chat", "status/503"):
+        async with http.get(f"{gateway.url}/p/a/{path}") as response:
+            await response.read()
+    async with http.get(f"{gateway.url}/nowhere/at-all") as response:
+        assert response.status == 404
+
+    requests = "agw_gateway_requests_total"
+    expected = {("a", "200"): 2.0, ("a", "503"): 1.0, ("", "404"): 1.0}
+    seen: dict[tuple[str, str], float] = {}
+    for _ in range(40):  # up to 2 s: one flush interval and some slack
+        for agent, status in expected:
+            labels = {"agent": agent, "status": status}
+            seen[(agent, status)] = await _metric(
+                http, gateway.admin_url, requests, **labels
+            )
+        if seen == expected:
+            break
+        await asyncio.sleep(0.05)
+    assert seen == expected
+    latency = "agw_gateway_upstream_latency_seconds_count"
+    assert await _metric(http, gateway.admin_url, latency, agent="a") == 3.0
