@@ -6,7 +6,7 @@ import time
 
 from multidict import CIMultiDictProxy
 
-from gateway.auth import IDENTITY_HEADERS, AuthFailure, Identity
+from gateway.auth import IDENTITY_HEADERS, Authenticator, AuthFailure, Identity
 from gateway.policy import ApiKeyPolicy, ApiKeySettings, hash_api_key
 
 __all__ = ["ApiKeyAuthenticator", "ApiKeyTable"]
@@ -46,7 +46,7 @@ class ApiKeyTable:
         return self._keys.get(key_hash)
 
 
-class ApiKeyAuthenticator:
+class ApiKeyAuthenticator(Authenticator):
     """Endpoint authentication ``api_key`` for one deployed agent.
 
     Looking a key up by its hash is safe against timing attacks: the time a
@@ -66,7 +66,7 @@ class ApiKeyAuthenticator:
         self._agent = agent
         self._table = table
 
-    async def authenticate(self, headers: CIMultiDictProxy[str]) -> Identity:
+    def check(self, headers: CIMultiDictProxy[str]) -> Identity:
         values = headers.getall(self.header_name, ())
         if len(values) != 1:
             raise self._refusal(len(values))

@@ -7,8 +7,7 @@ upstream or raises :class:`AuthFailure`, which carries the full answer.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Protocol
+from collections.abc import Awaitable, Mapping
 
 from multidict import CIMultiDictProxy
 
@@ -75,23 +74,34 @@ def _header_lines(headers: tuple[tuple[str, str], ...]) -> str | None:
 NO_IDENTITY = Identity()
 
 
-class Authenticator(Protocol):
+class Authenticator:
     """Checks one request's credentials for one route.
 
     ``strip`` holds the lower-case names of request headers that never go
     upstream for this route (credential headers that are not forwarded, and
     every identity header the gateway sets, so a caller cannot spoof them).
+
+    :meth:`check` answers at once when it can (no credentials, an API key, a
+    token verified before) and returns an awaitable only when it must wait,
+    for keys being fetched or a signature to verify: most requests then cost
+    no coroutine. Refusals raise :class:`AuthFailure`, at once or on await.
     """
 
-    strip: frozenset[str]
+    strip: frozenset[str] = IDENTITY_HEADERS
 
-    async def authenticate(self, headers: CIMultiDictProxy[str]) -> Identity: ...
-
-
-class NoAuth:
-    """Endpoint authentication ``none``."""
-
-    strip = IDENTITY_HEADERS
+    def check(self, headers: CIMultiDictProxy[str]) -> Identity | Awaitable[Identity]:
+        raise NotImplementedError
 
     async def authenticate(self, headers: CIMultiDictProxy[str]) -> Identity:
+        """:meth:`check`, awaited when it has to be."""
+        result = self.check(headers)
+        if isinstance(result, Identity):
+            return result
+        return await result
+
+
+class NoAuth(Authenticator):
+    """Endpoint authentication ``none``."""
+
+    def check(self, headers: CIMultiDictProxy[str]) -> Identity:
         return NO_IDENTITY

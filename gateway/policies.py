@@ -18,7 +18,7 @@ import yarl
 from multidict import CIMultiDictProxy
 
 from gateway.apikeys import ApiKeyAuthenticator, ApiKeyTable
-from gateway.auth import IDENTITY_HEADERS, Authenticator, AuthFailure, Identity, NoAuth
+from gateway.auth import Authenticator, AuthFailure, Identity, NoAuth
 from gateway.headers import REQUEST_DROP
 from gateway.log import policy_log
 from gateway.metrics import RouteMetrics
@@ -46,15 +46,13 @@ class IdentityProviderSink(Protocol):
     def apply(self, name: str, policy: IdentityProviderPolicy | None) -> None: ...
 
 
-class Unavailable:
+class Unavailable(Authenticator):
     """An authenticator that refuses every request: used to fail closed."""
-
-    strip = IDENTITY_HEADERS
 
     def __init__(self, message: str) -> None:
         self._failure = (503, "auth_unavailable", message)
 
-    async def authenticate(self, headers: CIMultiDictProxy[str]) -> Identity:
+    def check(self, headers: CIMultiDictProxy[str]) -> Identity:
         raise AuthFailure(*self._failure)
 
 

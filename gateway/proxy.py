@@ -169,7 +169,9 @@ class Proxy:
             return error_response(404, "not_found", "No agent is deployed here")
 
         try:
-            identity = await route.authenticator.authenticate(request.headers)
+            identity = route.authenticator.check(request.headers)
+            if not isinstance(identity, Identity):
+                identity = await identity
         except AuthFailure as failure:
             route.metrics.answered(failure.status)
             return error_response(

@@ -506,6 +506,32 @@ async def test_cache_rechecks_expiry(idps: IdentityProviders) -> None:
     assert failure.headers == {"WWW-Authenticate": challenge("token expired")}
 
 
+async def test_cache_keeps_the_skew_of_expiry(idps: IdentityProviders) -> None:
+    idps.apply("idp-a", idp_a(clock_skew_s=0.4))
+    token = "Bearer " + sign(RSA, payload=claims(exp=time.time() + 0.2))
+    auth = OAuthAuthenticator(oauth(), idps)
+    await auth.authenticate(headers(token))
+
+    await asyncio.sleep(0.3)  # expired, but within the skew
+    assert (await auth.authenticate(headers(token))).headers[0][0] == "X-Auth-Subject"
+    await asyncio.sleep(0.4)
+    failure = await refused(auth, token)
+    assert failure.headers == {"WWW-Authenticate": challenge("token expired")}
+
+
+async def test_cache_hit_without_audience_refused_where_one_is_required(
+    idps: IdentityProviders,
+) -> None:
+    idps.apply("idp-a", idp_a(audiences=[]))
+    token = "Bearer " + sign(RSA, payload=claims(aud=...))
+    await OAuthAuthenticator(oauth(), idps).authenticate(headers(token))
+    assert len(idps.cache) == 1
+
+    strict = OAuthAuthenticator(oauth(audiences=["chat"]), idps)
+    failure = await refused(strict, token)
+    assert failure.headers == {"WWW-Authenticate": challenge("token has no audience")}
+
+
 def test_cache_bounded_in_entries() -> None:
     from gateway.oauth import TokenCache
 
