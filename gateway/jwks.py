@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Final
 
 import aiohttp
+import msgspec
 import orjson
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
@@ -75,6 +76,8 @@ def parse_jwk(jwk: object) -> VerificationKey:
     public_key, algorithms = _public_key(jwk)
     alg = jwk.get("alg")
     if alg is not None:
+        if not isinstance(alg, str):
+            raise UnusableKey("alg is not a string")
         if alg not in algorithms:
             raise UnusableKey("alg does not fit the key type")
         algorithms = frozenset({alg})
@@ -213,17 +216,26 @@ def _key_list(document: object) -> list[object]:
 
 
 def _canonical(jwk: object) -> bytes:
-    return orjson.dumps(jwk, option=orjson.OPT_SORT_KEYS)
+    # msgspec, unlike orjson, encodes integers of any size: a JWK member such
+    # as a 128-bit timestamp must not make the whole set unreadable.
+    try:
+        return msgspec.json.encode(jwk, order="sorted")
+    except (TypeError, msgspec.EncodeError):
+        # Not a JSON value (only a hand-built policy can hold one).
+        return repr(jwk).encode()
 
 
 def _parse_logged(idp: str, index: int, jwk: object) -> VerificationKey | None:
     try:
         return parse_jwk(jwk)
     except UnusableKey as exc:
-        kid = jwk.get("kid") if isinstance(jwk, dict) else None
-        name = kid if isinstance(kid, str) else f"#{index}"
-        jwks_log.warning("identity provider %s: JWK %.64r skipped: %s", idp, name, exc)
-        return None
+        reason = str(exc)
+    except Exception as exc:  # one odd JWK must never cost the others
+        reason = f"unreadable ({type(exc).__name__})"
+    kid = jwk.get("kid") if isinstance(jwk, dict) else None
+    name = kid if isinstance(kid, str) else f"#{index}"
+    jwks_log.warning("identity provider %s: JWK %.64r skipped: %s", idp, name, reason)
+    return None
 
 
 # --- fetching ---------------------------------------------------------------
@@ -294,6 +306,15 @@ async def _read_capped(resp: aiohttp.ClientResponse) -> bytes:
     return bytes(body)
 
 
+def _inline_keys(idp: str, jwks: Mapping[str, object]) -> KeySet:
+    try:
+        return parse_jwks(idp, jwks)
+    except FetchError as exc:
+        # Never loaded, so its tokens get 503 until a readable set arrives.
+        jwks_log.error("identity provider %s: inline keys unusable: %s", idp, exc)
+        return EMPTY_KEYS
+
+
 class Keyring:
     """One identity provider's keys over time: fetched, refreshed, kept."""
 
@@ -321,7 +342,7 @@ class Keyring:
         self._last_end = -float("inf")
         self._refresher: asyncio.Task[None] | None = None
         if source.jwks is not None:
-            self.keys = parse_jwks(idp, source.jwks)
+            self.keys = _inline_keys(idp, source.jwks)
 
     @property
     def remote(self) -> bool:

@@ -17,7 +17,7 @@ from gateway.auth import AuthFailure
 from gateway.jwks import MAX_DOCUMENT_BYTES, parse_jwks
 from gateway.oauth import IdentityProviders, OAuthAuthenticator
 from gateway.policy import IdentityProviderPolicy, OAuthSettings
-from tests.gateway.tokenkit import b64, claims, ec_key, jwk, rsa_key, sign
+from tests.gateway.tokenkit import ISSUER, b64, claims, ec_key, jwk, rsa_key, sign
 
 ServerFactory = Callable[..., Awaitable[TestServer]]
 
@@ -40,6 +40,8 @@ def test_parse_jwks_skips_each_unusable_key_alone(
             jwk(rsa_key(), "enc", use="enc"),
             jwk(rsa_key(), "wrong-alg", alg="ES256"),
             jwk(rsa_key(), "hmac-alg", alg="HS256"),
+            jwk(rsa_key(), "alg-list", alg=["RS256"]),
+            jwk(EC_B, "alg-object", alg={"name": "ES256"}),
             {"kty": "XYZ", "kid": "unknown-kty"},
             {"kty": "EC", "crv": "secp256k1", "x": "AA", "y": "AA", "kid": "bad-curve"},
             {"kty": "OKP", "crv": "X25519", "x": b64(b"\x01" * 32), "kid": "x25519"},
@@ -67,6 +69,8 @@ def test_parse_jwks_skips_each_unusable_key_alone(
         "'enc' skipped: use is not sig",
         "'wrong-alg' skipped: alg does not fit the key type",
         "'hmac-alg' skipped: alg does not fit the key type",
+        "'alg-list' skipped: alg is not a string",
+        "'alg-object' skipped: alg is not a string",
         "'unknown-kty' skipped: unknown key type",
         "'bad-curve' skipped: unsupported curve",
         "'x25519' skipped: unsupported curve",
@@ -75,7 +79,7 @@ def test_parse_jwks_skips_each_unusable_key_alone(
         "'bad-b64' skipped: member n is not base64url",
         "'off-curve' skipped: point is not on the curve",
         "'private' skipped: private key published in a JWK set",
-        "'#12' skipped: not a JSON object",
+        "'#14' skipped: not a JSON object",
     ]
     assert all(small["n"][:40] not in r and private["d"] not in r for r in reasons)
 
@@ -85,6 +89,14 @@ def test_parse_jwks_reuses_unchanged_key_objects() -> None:
     second = parse_jwks("idp", {"keys": [jwk(EC_B, "b"), jwk(rsa_key(), "c")]}, first)
     assert second.keys[0] is first.keys[1]
     assert second.keys[1] is not first.keys[0]
+
+
+def test_parse_jwks_keeps_a_key_with_an_integer_member_of_any_size() -> None:
+    big = jwk(EC_A, "a", x_created=10**30, x_meta={"serial": -(2**80)})
+    first = parse_jwks("idp", {"keys": [big, jwk(EC_B, "b")]})
+    again = parse_jwks("idp", {"keys": [big]}, first)
+    assert [k.kid for k in first.keys] == ["a", "b"]
+    assert again.keys == (first.keys[0],)
 
 
 # --- a JWKS server of the test's own ----------------------------------------------
@@ -336,3 +348,27 @@ async def test_apply_changed_idp_keeps_keys_of_same_source(
     )
     assert idps.get("remote").keyring is not keyring  # type: ignore[union-attr]
     assert jwks_server.fetches == 1
+
+
+async def test_keyring_remote_set_with_odd_jwk_keeps_the_others(
+    jwks_server: JwksServer, make_idps: IdpsFactory
+) -> None:
+    jwks_server.keys = [
+        jwk(EC_B, "odd", alg=["ES256"]),
+        jwk(EC_A, "a", x_created=10**30),
+    ]
+    idps = make_idps()
+    idps.apply("remote", idp_policy(jwks_server))
+    assert await authenticate(idps, token_for(jwks_server)) == (200, "remote")
+    assert await authenticate(idps, token_for(jwks_server, EC_B, "odd")) == (
+        UNKNOWN_KEY
+    )
+
+
+async def test_keyring_inline_set_without_keys_is_503(make_idps: IdpsFactory) -> None:
+    idps = make_idps()
+    policy = IdentityProviderPolicy(name="remote", issuer=ISSUER, jwks={"keys": 5})
+    idps.apply("remote", policy)
+    assert await authenticate(idps, "Bearer " + sign(EC_A, "ES256", "a")) == (
+        UNAVAILABLE
+    )

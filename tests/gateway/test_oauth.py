@@ -446,6 +446,53 @@ async def test_authenticate_only_selected_idps(idps: IdentityProviders) -> None:
     }
 
 
+# --- identity provider updates --------------------------------------------------
+
+_ODD_JWKS = [
+    jwk(rsa_key(2048, 3), "odd", alg=["RS256"]),
+    jwk(rsa_key(2048, 3), "odd", alg={"name": "RS256"}),
+    jwk(rsa_key(2048, 3), "odd", x_created=10**30),
+]
+
+
+@pytest.mark.parametrize("odd", _ODD_JWKS, ids=["alg list", "alg object", "bigint"])
+async def test_apply_update_with_odd_jwk_revokes_the_old_keys(
+    idps: IdentityProviders, odd: dict[str, Any]
+) -> None:
+    auth = OAuthAuthenticator(oauth(), idps)
+    revoked = "Bearer " + sign(RSA)
+    await auth.authenticate(headers(revoked))
+
+    idps.apply("idp-a", idp_a(jwks={"keys": [jwk(EC, "k2"), odd]}))
+
+    failure = await refused(auth, revoked)
+    assert failure.headers == {
+        "WWW-Authenticate": challenge("unknown key for the token's algorithm")
+    }
+    identity = await auth.authenticate(headers("Bearer " + sign(EC, "ES256", "k2")))
+    assert identity.headers[2] == ("X-Auth-Identity-Provider", "idp-a")
+
+
+async def test_apply_update_that_cannot_be_built_fails_closed(
+    idps: IdentityProviders, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    auth = OAuthAuthenticator(oauth(), idps)
+    token = "Bearer " + sign(RSA)
+    await auth.authenticate(headers(token))
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("cannot build")
+
+    monkeypatch.setattr("gateway.oauth.Keyring", broken)
+    idps.apply("idp-a", idp_a(jwks={"keys": [jwk(EC, "k2")]}))
+
+    assert idps.get("idp-a") is None
+    failure = await refused(auth, token)
+    assert failure.headers == {
+        "WWW-Authenticate": challenge("token issuer not accepted")
+    }
+
+
 # --- verified-token cache -------------------------------------------------------
 
 
