@@ -33,6 +33,8 @@ __all__ = ["IdentityProviderList", "agents_using", "routes"]
 
 #: JWK members that carry private or symmetric key material (RFC 7518 §6).
 _SECRET_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
+#: JWK members the gateway reads, each a string when present.
+_STRING_MEMBERS = ("kid", "use", "alg", "crv", "n", "e", "x", "y")
 
 
 class IdentityProviderList(msgspec.Struct, kw_only=True):
@@ -69,6 +71,19 @@ def _check_jwks(body: IdentityProviderBody) -> None:
             raise ValidationFailed(
                 field, "private or symmetric key material is not accepted"
             )
+        _check_member_types(jwk, field)
+
+
+def _check_member_types(jwk: dict[str, Any], field: str) -> None:
+    """The members the gateway reads must have their RFC 7517/7518 types."""
+    for name in _STRING_MEMBERS:
+        if name in jwk and not isinstance(jwk[name], str):
+            raise ValidationFailed(f"{field}.{name}", "must be a string")
+    ops = jwk.get("key_ops")
+    if ops is not None and not (
+        isinstance(ops, list) and all(isinstance(op, str) for op in ops)
+    ):
+        raise ValidationFailed(f"{field}.key_ops", "must be an array of strings")
 
 
 def _check_body(body: IdentityProviderBody) -> None:

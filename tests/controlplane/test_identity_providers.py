@@ -118,6 +118,14 @@ _BAD: list[tuple[dict[str, Any], str]] = [
     (idp(jwks={"keys": [{"x": 1}]}), "$.jwks.keys[0]"),
     (idp(jwks={"keys": [JWK, {**JWK, "d": "secret"}]}), "$.jwks.keys[1]"),
     (idp(jwks={"keys": [{"kty": "oct", "k": "c2VjcmV0"}]}), "$.jwks.keys[0]"),
+    (idp(jwks={"keys": [JWK, {**JWK, "alg": ["ES256"]}]}), "$.jwks.keys[1].alg"),
+    (idp(jwks={"keys": [{**JWK, "alg": {"name": "ES256"}}]}), "$.jwks.keys[0].alg"),
+    (idp(jwks={"keys": [{**JWK, "kid": 7}]}), "$.jwks.keys[0].kid"),
+    (idp(jwks={"keys": [{**JWK, "use": None}]}), "$.jwks.keys[0].use"),
+    (idp(jwks={"keys": [{**JWK, "crv": 256}]}), "$.jwks.keys[0].crv"),
+    (idp(jwks={"keys": [{**JWK, "x": 10**30}]}), "$.jwks.keys[0].x"),
+    (idp(jwks={"keys": [{**JWK, "key_ops": "verify"}]}), "$.jwks.keys[0].key_ops"),
+    (idp(jwks={"keys": [{**JWK, "key_ops": [1]}]}), "$.jwks.keys[0].key_ops"),
 ]
 
 
@@ -129,6 +137,31 @@ async def test_identity_provider_bad_body_is_422_naming_the_field(
     assert status == 422
     assert answer["details"] == {"field": field, "in": "body"}
     assert "secret" not in msgspec.json.encode(answer).decode()
+
+
+async def test_identity_provider_jwk_member_of_wrong_type_is_422_naming_it(
+    dev: Client, store: Store
+) -> None:
+    body = idp(jwks={"keys": [JWK, {**JWK, "kid": "k2", "alg": ["ES256"]}]})
+    status, answer = await call(dev, "PUT", IDP, body)
+    assert (status, answer) == (
+        422,
+        {
+            "error": "validation_error",
+            "message": "$.jwks.keys[1].alg: must be a string",
+            "details": {"field": "$.jwks.keys[1].alg", "in": "body"},
+        },
+    )
+    assert await store.revision("dev") == 0
+
+
+async def test_identity_provider_jwk_unknown_member_of_any_size_is_kept(
+    dev: Client,
+) -> None:
+    key = {**JWK, "x_created": 10**30}
+    status, answer = await call(dev, "PUT", IDP, idp(jwks={"keys": [key]}))
+    assert (status, answer["jwks"]) == (201, {"keys": [key]})
+    assert await call(dev, "GET", IDP) == (200, answer)
 
 
 async def test_identity_provider_delete_in_use_is_409_naming_agents(
