@@ -277,13 +277,19 @@ FetchHook = Callable[[str, bool], None]
 
 
 async def fetch_json(session: aiohttp.ClientSession, url: str, limit_s: float) -> Any:
-    """GET a JSON document with a time limit and a size cap."""
+    """GET a JSON document with a time limit and a size cap.
+
+    Redirects are not followed: keys come from the configured host alone.
+    """
     try:
         async with session.get(
             url,
             timeout=aiohttp.ClientTimeout(total=limit_s),
             headers={"Accept": "application/json"},
+            allow_redirects=False,
         ) as resp:
+            if 300 <= resp.status < 400:
+                raise FetchError(f"{url} answered {resp.status}, a redirect")
             if resp.status != 200:
                 raise FetchError(f"{url} answered {resp.status}")
             body = await _read_capped(resp)
@@ -426,6 +432,8 @@ class Keyring:
         uri = doc.get("jwks_uri")
         if not isinstance(uri, str) or not uri.startswith(("https://", "http://")):
             raise FetchError(f"{url} has no jwks_uri")
+        if url.lower().startswith("https://") and uri.startswith("http://"):
+            raise FetchError(f"{url} names a plain http jwks_uri")
         return uri
 
     async def _refresh(self) -> None:

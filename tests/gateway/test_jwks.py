@@ -8,15 +8,17 @@ import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.auth import AuthFailure
-from gateway.jwks import MAX_DOCUMENT_BYTES, parse_jwks
+from gateway.jwks import MAX_DOCUMENT_BYTES, Keyring, KeySource, parse_jwks
 from gateway.oauth import IdentityProviders, OAuthAuthenticator
 from gateway.policy import IdentityProviderPolicy, OAuthSettings
+from tests.fixtures.tls import Tls
 from tests.gateway.tokenkit import ISSUER, b64, claims, ec_key, jwk, rsa_key, sign
 
 ServerFactory = Callable[..., Awaitable[TestServer]]
@@ -117,6 +119,7 @@ class JwksServer:
     def app(self) -> web.Application:
         app = web.Application()
         app.router.add_get("/jwks", self._jwks)
+        app.router.add_get("/moved", self._moved)
         app.router.add_get("/.well-known/openid-configuration", self._discovery)
         return app
 
@@ -126,6 +129,9 @@ class JwksServer:
         if self.body is not None:
             return web.Response(body=self.body, content_type="application/json")
         return web.json_response({"keys": self.keys}, status=self.status)
+
+    async def _moved(self, request: web.Request) -> web.Response:
+        raise web.HTTPFound(self.base + "/jwks")
 
     async def _discovery(self, request: web.Request) -> web.Response:
         issuer = self.discovery_issuer or self.base
@@ -372,3 +378,46 @@ async def test_keyring_inline_set_without_keys_is_503(make_idps: IdpsFactory) ->
     assert await authenticate(idps, "Bearer " + sign(EC_A, "ES256", "a")) == (
         UNAVAILABLE
     )
+
+
+async def test_keyring_redirect_is_a_failed_fetch(
+    jwks_server: JwksServer, make_idps: IdpsFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    idps = make_idps()
+    moved = jwks_server.base + "/moved"
+    idps.apply("remote", idp_policy(jwks_server, jwks_uri=moved))
+    with caplog.at_level(logging.WARNING, logger="agw.gateway.jwks"):
+        assert await authenticate(idps, token_for(jwks_server)) == UNAVAILABLE
+    assert jwks_server.fetches == 0
+    assert [r.getMessage() for r in caplog.records] == [
+        f"identity provider remote: keys not fetched: {moved} answered 302, a redirect"
+    ]
+
+
+async def test_keyring_discovery_of_http_jwks_uri_for_https_issuer_is_refused(
+    aiohttp_server: ServerFactory, tls: Tls, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def document(request: web.Request) -> web.Response:
+        host = f"127.0.0.1:{request.url.port}"
+        keys = f"http://{host}/jwks"
+        return web.json_response({"issuer": f"https://{host}", "jwks_uri": keys})
+
+    app = web.Application()
+    app.router.add_get("/.well-known/openid-configuration", document)
+    server = await aiohttp_server(app, ssl=tls.server)
+    issuer = f"https://127.0.0.1:{server.port}"
+    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=tls.client))
+
+    async def sessions() -> aiohttp.ClientSession:
+        return session
+
+    keyring = Keyring("remote", KeySource(issuer, None, None, True), sessions)
+    with caplog.at_level(logging.WARNING, logger="agw.gateway.jwks"):
+        keys = await keyring.ensure_loaded()
+    await keyring.close()
+    await session.close()
+    assert keys.loaded is False
+    assert [r.getMessage() for r in caplog.records] == [
+        "identity provider remote: keys not fetched: "
+        f"{issuer}/.well-known/openid-configuration names a plain http jwks_uri"
+    ]
