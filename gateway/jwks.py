@@ -381,12 +381,16 @@ class Keyring:
             await self._fetch_now()
         return self.keys
 
-    async def _fetch_now(self) -> None:
-        """Join the fetch in flight, or start one if the cooldown has run out."""
+    async def _fetch_now(self, *, scheduled: bool = False) -> None:
+        """Join the fetch in flight, or start one if the cooldown has run out.
+
+        The cooldown bounds fetches caused by tokens; a ``scheduled`` refresh
+        keeps its own period, even a shorter one.
+        """
         task = self._inflight
         if task is None:
             cooled = time.monotonic() - self._last_end >= self.cooldown_s
-            if not self.remote or not cooled:
+            if not self.remote or not (cooled or scheduled):
                 return
             task = self._inflight = asyncio.get_running_loop().create_task(
                 self._fetch()
@@ -438,7 +442,9 @@ class Keyring:
 
     async def _refresh(self) -> None:
         while True:
-            await self._fetch_now()
+            await self._fetch_now(scheduled=True)
             # Without keys yet, try again soon rather than after a full period.
-            delay = self.refresh_s if self.keys.loaded else self.cooldown_s
+            delay = self.refresh_s
+            if not self.keys.loaded:
+                delay = min(delay, self.cooldown_s)
             await asyncio.sleep(max(delay, 0.05))

@@ -421,3 +421,19 @@ async def test_keyring_discovery_of_http_jwks_uri_for_https_issuer_is_refused(
         "identity provider remote: keys not fetched: "
         f"{issuer}/.well-known/openid-configuration names a plain http jwks_uri"
     ]
+
+
+async def test_keyring_refresh_period_shorter_than_cooldown_is_kept(
+    jwks_server: JwksServer, make_idps: IdpsFactory
+) -> None:
+    idps = make_idps(cooldown_s=60)
+    idps.apply("remote", idp_policy(jwks_server, jwks_refresh_s=0.05))
+    assert await authenticate(idps, token_for(jwks_server)) == (200, "remote")
+
+    jwks_server.keys = [jwk(EC_B, "b")]
+    await eventually(lambda: jwks_server.fetches >= 3)
+    # Picked up by the refresh: no token could have fetched within the cooldown.
+    assert await authenticate(idps, token_for(jwks_server, EC_B, "b")) == (
+        200,
+        "remote",
+    )
