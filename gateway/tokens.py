@@ -168,9 +168,12 @@ def extract_token(values: list[str], prefix: str) -> str | None:
 
 
 def _after_prefix(value: str, prefix: str) -> str | None:
+    # RFC 6750 §3.1: no credential of this scheme (an empty value, the scheme
+    # alone, another scheme) is a request without authentication, not a bad
+    # token. On the wire "Bearer " arrives as "Bearer": trailing space is cut.
     n = len(prefix)
     if value[:n].lower() != prefix or value[n : n + 1] not in (" ", "\t"):
-        raise TokenError("format", "authorization scheme not accepted")
+        return None
     token = value[n:].lstrip(" \t").rstrip(" \t")
     return token or None
 

@@ -152,28 +152,30 @@ def test_authenticator_strip_sets(idps: IdentityProviders) -> None:
 # --- header forms ---------------------------------------------------------------
 
 
+MISSING = (
+    401,
+    "unauthorized",
+    "Bearer token required",
+    {"WWW-Authenticate": REALM},
+)
+
+
 async def test_authenticate_missing_token(idps: IdentityProviders) -> None:
     failure = await refused(OAuthAuthenticator(oauth(), idps))
     assert (failure.status, failure.error, failure.message, failure.headers) == (
-        401,
-        "unauthorized",
-        "Bearer token required",
-        {"WWW-Authenticate": REALM},
+        MISSING
     )
 
 
-@pytest.mark.parametrize("value", ["Bearer", "Bearer ", "Bearer \t "])
+# "Bearer " reaches the gateway as "Bearer": HTTP parsers cut trailing space.
+@pytest.mark.parametrize("value", ["", "Bearer", "bearer", "BEARER", "Bearer \t "])
 async def test_authenticate_empty_token_is_missing(
     idps: IdentityProviders, value: str
 ) -> None:
     failure = await refused(OAuthAuthenticator(oauth(), idps), value)
-    if value == "Bearer":
-        assert failure.headers == {
-            "WWW-Authenticate": challenge("authorization scheme not accepted")
-        }
-    else:
-        assert failure.headers == {"WWW-Authenticate": REALM}
-    assert failure.status == 401
+    assert (failure.status, failure.error, failure.message, failure.headers) == (
+        MISSING
+    )
 
 
 async def test_authenticate_two_headers_is_400(idps: IdentityProviders) -> None:
@@ -205,11 +207,13 @@ async def test_authenticate_custom_header_and_empty_prefix(
 
 
 @pytest.mark.parametrize("scheme", ["Basic", "Bearerx", "DPoP", "Token"])
-async def test_authenticate_other_scheme(idps: IdentityProviders, scheme: str) -> None:
+async def test_authenticate_other_scheme_is_missing(
+    idps: IdentityProviders, scheme: str
+) -> None:
     failure = await refused(OAuthAuthenticator(oauth(), idps), f"{scheme} {sign(RSA)}")
-    assert failure.headers == {
-        "WWW-Authenticate": challenge("authorization scheme not accepted")
-    }
+    assert (failure.status, failure.error, failure.message, failure.headers) == (
+        MISSING
+    )
 
 
 # --- hostile tokens -------------------------------------------------------------

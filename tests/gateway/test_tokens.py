@@ -50,9 +50,10 @@ from tests.gateway.tokenkit import (
         (["Bearer\tabc"], "bearer", "abc"),
         (["Bearer abc  "], "bearer", "abc"),
         (["Bearer "], "bearer", None),
-        (["Bearer"], "bearer", "raise"),
-        (["Bearerabc"], "bearer", "raise"),
-        (["Basic abc"], "bearer", "raise"),
+        (["Bearer"], "bearer", None),
+        ([""], "bearer", None),
+        (["Bearerabc"], "bearer", None),
+        (["Basic abc"], "bearer", None),
         (["Token abc"], "token", "abc"),
         (["abc"], "", "abc"),
         (["  abc "], "", "abc"),
@@ -61,15 +62,9 @@ from tests.gateway.tokenkit import (
     ],
 )
 def test_extract_token_header_forms(
-    values: list[str], prefix: str, expected: Any
+    values: list[str], prefix: str, expected: str | None
 ) -> None:
-    if expected == "raise":
-        with pytest.raises(TokenError) as info:
-            extract_token(values, prefix)
-        assert info.value.check == "format"
-        assert info.value.description == "authorization scheme not accepted"
-    else:
-        assert extract_token(values, prefix) == expected
+    assert extract_token(values, prefix) == expected
 
 
 def test_extract_token_two_headers_is_malformed_request() -> None:
