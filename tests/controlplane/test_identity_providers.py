@@ -139,6 +139,22 @@ async def test_identity_provider_bad_body_is_422_naming_the_field(
     assert "secret" not in msgspec.json.encode(answer).decode()
 
 
+async def test_identity_provider_issuer_with_crlf_is_422(
+    dev: Client, store: Store
+) -> None:
+    body = {"issuer": "https://idp.example/a\r\nX-Injected: 1", "discovery": True}
+    status, answer = await call(dev, "PUT", IDP, body)
+    assert (status, answer) == (
+        422,
+        {
+            "error": "validation_error",
+            "message": "$.issuer: must not contain whitespace or control characters",
+            "details": {"field": "$.issuer", "in": "body"},
+        },
+    )
+    assert await store.revision("dev") == 0
+
+
 async def test_identity_provider_jwk_member_of_wrong_type_is_422_naming_it(
     dev: Client, store: Store
 ) -> None:
