@@ -342,6 +342,10 @@ def _subject(sub: object) -> str | None:
     # The subject becomes an upstream header value: it must be a clean string.
     if not isinstance(sub, str) or _CONTROL.search(sub):
         raise TokenError("format", "token subject is malformed")
+    # Header values lose outer whitespace on the way: " admin" would arrive
+    # as "admin", another subject.
+    if sub != sub.strip():
+        raise TokenError("format", "token subject has leading or trailing whitespace")
     return sub
 
 

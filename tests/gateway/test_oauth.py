@@ -324,6 +324,11 @@ def _hostile() -> list[tuple[str, str, str]]:
         ),
         ("no issuer", sign(RSA, payload=claims(iss=...)), "token has no issuer"),
         (
+            "subject with a leading space",
+            sign(RSA, payload=claims(sub=" admin")),
+            "token subject has leading or trailing whitespace",
+        ),
+        (
             "exp string",
             sign(RSA, payload=claims(exp="1900000000")),
             "token exp is not a number",

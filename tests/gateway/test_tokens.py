@@ -228,6 +228,9 @@ def test_check_algorithm_allowed_rejects_outside_idp_list() -> None:
 # --- claims -------------------------------------------------------------------
 
 
+_PADDED = "token subject has leading or trailing whitespace"
+
+
 def _claims_error(payload: dict[str, Any]) -> tuple[str, str]:
     with pytest.raises(TokenError) as info:
         read_claims(payload, "iss")
@@ -253,6 +256,11 @@ def _claims_error(payload: dict[str, Any]) -> tuple[str, str]:
         ({"exp": 2e9, "sub": 5}, "format", "token subject is malformed"),
         ({"exp": 2e9, "sub": "a\r\nX-Evil: 1"}, "format", "token subject is malformed"),
         ({"exp": 2e9, "sub": "a\x00"}, "format", "token subject is malformed"),
+        ({"exp": 2e9, "sub": " admin"}, "format", _PADDED),
+        ({"exp": 2e9, "sub": "admin\t"}, "format", "token subject is malformed"),
+        ({"exp": 2e9, "sub": "admin "}, "format", _PADDED),
+        ({"exp": 2e9, "sub": "\u00a0admin"}, "format", _PADDED),
+        ({"exp": 2e9, "sub": "admin\u2028"}, "format", _PADDED),
     ],
 )
 def test_read_claims_rejects(
