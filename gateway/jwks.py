@@ -9,6 +9,7 @@ when a fetch fails.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Final
@@ -28,7 +29,9 @@ from gateway.tokens import (
 
 __all__ = [
     "FETCH_TIMEOUT_S",
+    "MAX_CANDIDATES",
     "MAX_DOCUMENT_BYTES",
+    "MAX_KEYS",
     "REFETCH_COOLDOWN_S",
     "FetchError",
     "KeySet",
@@ -45,6 +48,13 @@ REFETCH_COOLDOWN_S: Final = 10.0
 #: A JWK set or discovery document larger than this is refused.
 MAX_DOCUMENT_BYTES: Final = 1 << 20
 MIN_RSA_BITS: Final = 2048
+#: Usable keys kept of one set, as many as an inline set may hold. Parsing
+#: stops there, so a huge set costs no more than this many keys.
+MAX_KEYS: Final = 64
+#: Keys one token may try. Only a token without ``kid`` (or a kid shared by
+#: several keys) has more than one; the bound keeps what a forged one costs
+#: to a few verifications. Identity providers list their current keys first.
+MAX_CANDIDATES: Final = 4
 
 
 class FetchError(Exception):
@@ -179,9 +189,13 @@ class KeySet:
         self.by_kid = {kid: tuple(ks) for kid, ks in by_kid.items()}
 
     def candidates(self, alg: str, kid: str | None) -> tuple[VerificationKey, ...]:
-        """Keys to try for a token; empty when the token's ``kid`` is unknown."""
+        """Keys to try for a token, at most :data:`MAX_CANDIDATES`, in set order.
+
+        Empty when the token's ``kid`` is unknown.
+        """
         keys = self.keys if kid is None else self.by_kid.get(kid, ())
-        return tuple(k for k in keys if alg in k.algorithms)
+        fitting = (k for k in keys if alg in k.algorithms)
+        return tuple(itertools.islice(fitting, MAX_CANDIDATES))
 
     def has_kid(self, kid: str) -> bool:
         return kid in self.by_kid
@@ -201,11 +215,23 @@ def parse_jwks(idp: str, document: object, previous: KeySet = EMPTY_KEYS) -> Key
     keys: list[VerificationKey] = []
     kept: list[object] = []
     for index, jwk in enumerate(jwks):
+        if len(keys) == MAX_KEYS:
+            _dropped(idp, len(jwks) - index)
+            break
         key = known.get(_canonical(jwk)) or _parse_logged(idp, index, jwk)
         if key is not None:
             keys.append(key)
             kept.append(jwk)
     return KeySet(tuple(keys), tuple(kept))
+
+
+def _dropped(idp: str, count: int) -> None:
+    jwks_log.warning(
+        "identity provider %s: %d JWK(s) after the first %d usable keys dropped",
+        idp,
+        count,
+        MAX_KEYS,
+    )
 
 
 def _key_list(document: object) -> list[object]:

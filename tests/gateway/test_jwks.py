@@ -15,7 +15,14 @@ from aiohttp.test_utils import TestServer
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.auth import AuthFailure
-from gateway.jwks import MAX_DOCUMENT_BYTES, Keyring, KeySource, parse_jwks
+from gateway.jwks import (
+    MAX_CANDIDATES,
+    MAX_DOCUMENT_BYTES,
+    MAX_KEYS,
+    Keyring,
+    KeySource,
+    parse_jwks,
+)
 from gateway.oauth import IdentityProviders, OAuthAuthenticator
 from gateway.policy import IdentityProviderPolicy, OAuthSettings
 from tests.fixtures.tls import Tls
@@ -99,6 +106,29 @@ def test_parse_jwks_keeps_a_key_with_an_integer_member_of_any_size() -> None:
     again = parse_jwks("idp", {"keys": [big]}, first)
     assert [k.kid for k in first.keys] == ["a", "b"]
     assert again.keys == (first.keys[0],)
+
+
+def test_parse_jwks_keeps_the_first_max_keys_usable_keys(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    usable = [jwk(EC_A, f"k{i}") for i in range(MAX_KEYS + 1)]
+    document = {"keys": ["unusable", *usable, *["never parsed"] * 99]}
+    with caplog.at_level(logging.WARNING, logger="agw.gateway.jwks"):
+        keys = parse_jwks("idp-x", document)
+
+    assert [k.kid for k in keys.keys] == [f"k{i}" for i in range(MAX_KEYS)]
+    assert [r.getMessage() for r in caplog.records] == [
+        "identity provider idp-x: JWK '#0' skipped: not a JSON object",
+        "identity provider idp-x: 100 JWK(s) after the first 64 usable keys dropped",
+    ]
+
+
+def test_keyset_candidates_are_bounded_in_set_order() -> None:
+    keys = parse_jwks("idp", {"keys": [jwk(ec_key("P-256", n)) for n in range(10)]})
+    shared = parse_jwks("idp", {"keys": [jwk(EC_A, "same")] * 10})
+    assert keys.candidates("ES256", None) == keys.keys[:MAX_CANDIDATES]
+    assert shared.candidates("ES256", "same") == shared.keys[:MAX_CANDIDATES]
+    assert keys.candidates("RS256", None) == ()
 
 
 # --- a JWKS server of the test's own ----------------------------------------------

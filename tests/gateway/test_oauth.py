@@ -20,6 +20,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from gateway.auth import IDENTITY_HEADERS, AuthFailure
 from gateway.oauth import IdentityProviders, OAuthAuthenticator, diagnose
 from gateway.policy import IdentityProviderPolicy, OAuthSettings
+from gateway.tokens import VerificationKey, verify_signature
 from tests.gateway.tokenkit import (
     ISSUER,
     b64,
@@ -453,6 +454,30 @@ async def test_authenticate_only_selected_idps(idps: IdentityProviders) -> None:
     assert failure.headers == {
         "WWW-Authenticate": challenge("token issuer not accepted")
     }
+
+
+async def test_authenticate_token_without_kid_tries_at_most_four_keys(
+    idps: IdentityProviders, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    keys = [ec_key("P-256", n) for n in range(10, 20)]
+    idps.apply("idp-a", idp_a(jwks={"keys": [jwk(k) for k in keys]}))
+    tried: list[object] = []
+
+    def counting(alg: str, key: VerificationKey, data: bytes, sig: bytes) -> bool:
+        tried.append(key)
+        return verify_signature(alg, key, data, sig)
+
+    monkeypatch.setattr("gateway.oauth.verify_signature", counting)
+    auth = OAuthAuthenticator(oauth(), idps)
+    identity = await auth.authenticate(
+        headers("Bearer " + sign(keys[3], "ES256", None))
+    )
+    assert identity.headers[2] == ("X-Auth-Identity-Provider", "idp-a")
+    tried.clear()
+
+    failure = await refused(auth, "Bearer " + sign(keys[4], "ES256", None))
+    assert failure.headers == {"WWW-Authenticate": challenge("invalid signature")}
+    assert len(tried) == 4
 
 
 # --- identity provider updates --------------------------------------------------
