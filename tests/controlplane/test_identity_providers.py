@@ -202,3 +202,37 @@ async def test_identity_provider_delete_in_use_is_409_naming_agents(
     }
     assert await store.revision("dev") == revision
     assert "idp/corp" in (await store.snapshot("dev")).policies
+
+
+async def test_identity_provider_issuer_change_shared_by_a_deployment_is_409(
+    api: Client, store: Store
+) -> None:
+    await setup_agent(api)
+    await setup_agent(api, agent="other")
+    for name in ("corp", "partner", "spare"):
+        await add_idp(api, name=name)
+    both = {"type": "oauth", "oauth": {"identity_providers": ["corp", "partner"]}}
+    alone = {"type": "oauth", "oauth": {"identity_providers": ["spare"]}}
+    for agent, auth in (("helper", both), ("other", alone)):
+        path = f"/projects/shop/agents/{agent}/deployments"
+        body = {"environment": "dev", "endpoint_auth": auth}
+        assert (await call(api, "POST", path, body))[0] == 201
+    revision = await store.revision("dev")
+
+    partner = "/environments/dev/identity-providers/partner"
+    moved = {"issuer": "https://corp.example.com", "discovery": True}
+    status, answer = await call(api, "PUT", partner, moved)
+    assert (status, answer) == (
+        409,
+        {
+            "error": "duplicate_issuer",
+            "message": "Identity provider 'partner' would share the issuer "
+            "'https://corp.example.com' with corp, selected with it by: shop/helper",
+            "details": {"agents": ["shop/helper"], "identity_providers": ["corp"]},
+        },
+    )
+    assert await store.revision("dev") == revision
+
+    # Selected alone, an identity provider may take another one's issuer.
+    spare = "/environments/dev/identity-providers/spare"
+    assert (await call(api, "PUT", spare, moved))[0] == 200

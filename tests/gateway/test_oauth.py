@@ -456,6 +456,22 @@ async def test_authenticate_only_selected_idps(idps: IdentityProviders) -> None:
     }
 
 
+async def test_authenticate_two_idps_of_one_issuer_first_named_wins(
+    idps: IdentityProviders,
+) -> None:
+    twin = IdentityProviderPolicy(
+        name="idp-twin", issuer=ISSUER, jwks={"keys": [jwk(OTHER, "t1")]}
+    )
+    idps.apply("idp-twin", twin)
+    auth = OAuthAuthenticator(oauth(identity_providers=["idp-a", "idp-twin"]), idps)
+    identity = await auth.authenticate(headers("Bearer " + sign(RSA)))
+    assert identity.headers[2] == ("X-Auth-Identity-Provider", "idp-a")
+    failure = await refused(auth, "Bearer " + sign(OTHER, kid="t1"))
+    assert failure.headers == {
+        "WWW-Authenticate": challenge("unknown key for the token's algorithm")
+    }
+
+
 async def test_authenticate_token_without_kid_tries_at_most_four_keys(
     idps: IdentityProviders, monkeypatch: pytest.MonkeyPatch
 ) -> None:
