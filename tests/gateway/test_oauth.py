@@ -373,8 +373,8 @@ def _hostile() -> list[tuple[str, str, str]]:
         ),
         (
             "PS256 on ES256-only JWK",
-            sign(EC, "ES256", "k2")[:-3] + "AAA",
-            "invalid signature",
+            sign(RSA, "PS256", "k2"),
+            "unknown key for the token's algorithm",
         ),
         (
             "RSA 1024 key",
@@ -686,6 +686,46 @@ def test_authenticate_property_only_auth_failures(values: list[str]) -> None:
                 if len(value) > 8:
                     assert value not in failure.message
                     assert all(value not in h for h in failure.headers.values())
+
+    asyncio.run(run())
+
+
+# Each claim is often valid, so that tokens get past one check to the next,
+# and otherwise any JSON value (integers beyond 64 bits included).
+_NOW = int(time.time())
+_TIME = st.integers(_NOW - 100, _NOW + 1000) | _JSONISH
+_SIGNED_CLAIMS = st.fixed_dictionaries(
+    {
+        "iss": st.just(ISSUER),
+        "exp": _TIME | st.integers(),
+        "aud": st.sampled_from(["agents-api", ["x", "agents-api"]]) | _JSONISH,
+    },
+    optional={"nbf": _TIME, "iat": _TIME, "sub": st.text(max_size=20) | _JSONISH},
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(payload=_SIGNED_CLAIMS)
+def test_authenticate_property_signed_tokens_with_any_claims(
+    payload: dict[str, Any],
+) -> None:
+    token = "Bearer " + sign(RSA, payload=payload)
+
+    async def run() -> None:
+        idps = IdentityProviders()
+        idps.apply("idp-a", idp_a())
+        try:
+            identity = await OAuthAuthenticator(oauth(), idps).authenticate(
+                headers(token)
+            )
+        except AuthFailure as failure:
+            assert (failure.status, failure.error) == (401, "invalid_token")
+            return
+        # What the proxy puts on header lines must be able to go there as is.
+        assert identity.headers[-1] == ("X-Auth-Identity-Provider", "idp-a")
+        for _, value in identity.headers:
+            assert value == value.strip() and not {"\r", "\n", "\0"} & set(value)
+            value.encode("utf-8", "surrogateescape")
 
     asyncio.run(run())
 
