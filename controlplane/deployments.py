@@ -31,6 +31,7 @@ from controlplane.records import (
     Agent,
     Deployment,
     Environment,
+    IdentityProvider,
     deployment_record,
     idp_record,
     now,
@@ -109,13 +110,33 @@ async def _check_identity_providers(store: Store, env: str, auth: EndpointAuth) 
     if auth.oauth is None:
         return
     names = auth.oauth.identity_providers
-    unknown = [name for name in names if await store.get(idp_record(env, name)) is None]
+    records = {name: await _idp(store, env, name) for name in names}
+    unknown = [name for name in names if records[name] is None]
     if unknown:
         raise ValidationFailed(
             f"{_AUTH}.oauth.identity_providers[{names.index(unknown[0])}]",
             f"not an identity provider of environment {env!r}: {', '.join(unknown)}",
             unknown=unknown,
         )
+    _check_issuers(names, {n: r.issuer for n, r in records.items() if r})
+
+
+async def _idp(store: Store, env: str, name: str) -> IdentityProvider | None:
+    return (await read(store, idp_record(env, name), IdentityProvider))[0]
+
+
+def _check_issuers(names: list[str], issuers: dict[str, str]) -> None:
+    """A token's issuer selects one identity provider: no two may share one."""
+    first: dict[str, str] = {}
+    for index, name in enumerate(names):
+        other = first.setdefault(issuers[name], name)
+        if other != name:
+            raise ValidationFailed(
+                f"{_AUTH}.oauth.identity_providers[{index}]",
+                f"identity providers {other!r} and {name!r} have the same "
+                f"issuer {issuers[name]!r}; select one of them",
+                identity_providers=[other, name],
+            )
 
 
 def _compile(record: Deployment) -> bytes:

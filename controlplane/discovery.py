@@ -33,25 +33,49 @@ def discovery_url(url: str) -> str:
 
 
 async def discover(session: aiohttp.ClientSession, url: str) -> DiscoverView:
-    """Fetch and read a discovery document; 422 naming ``url`` when impossible."""
+    """Fetch and read a discovery document; 422 naming ``url`` when impossible.
+
+    The document must belong to the issuer it names (OpenID Connect
+    Discovery 1.0 §4.3): that issuer's discovery URL is the one fetched, so
+    the answer is what the gateway accepts when it discovers keys itself.
+    """
     check_url(url, "$.url")
-    raw = await _fetch(session, discovery_url(url))
+    location = discovery_url(url)
     try:
-        document = msgspec.json.decode(raw, type=_Document)
+        document = msgspec.json.decode(await _fetch(session, location), type=_Document)
     except msgspec.DecodeError:
         raise _bad_url("is not an OpenID discovery document") from None
+    _check_document(document, location)
+    return DiscoverView(issuer=document.issuer, jwks_uri=document.jwks_uri)
 
+
+def _check_document(document: _Document, location: str) -> None:
     for value in (document.issuer, document.jwks_uri):
         try:
             check_url(value, "$.url")
         except ValidationFailed:
             raise _bad_url("names an issuer or jwks_uri that is not a URL") from None
-    return DiscoverView(issuer=document.issuer, jwks_uri=document.jwks_uri)
+    # The gateway finds an issuer's document at exactly this URL.
+    if document.issuer.rstrip("/") + WELL_KNOWN != location:
+        issuer = location.removesuffix(WELL_KNOWN)
+        raise _bad_url(
+            f"is the discovery document of {issuer!r} "
+            f"but names the issuer {document.issuer!r}"
+        )
+    schemes = URL(document.issuer).scheme, URL(document.jwks_uri).scheme
+    if schemes == ("https", "http"):
+        raise _bad_url("names a plain http jwks_uri for an https issuer")
 
 
 async def _fetch(session: aiohttp.ClientSession, url: str) -> bytes:
     try:
-        async with session.get(url, timeout=_TIMEOUT) as response:
+        async with session.get(
+            url, timeout=_TIMEOUT, allow_redirects=False
+        ) as response:
+            if 300 <= response.status < 400:
+                raise _bad_url(
+                    f"answered HTTP {response.status}; redirects are not followed"
+                )
             if response.status != 200:
                 raise _bad_url(f"answered HTTP {response.status}")
             return await _read_capped(response)

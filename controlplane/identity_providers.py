@@ -6,6 +6,7 @@ so the environment's gateways load the new keys at the same revision.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
 import msgspec
@@ -33,6 +34,8 @@ __all__ = ["IdentityProviderList", "agents_using", "routes"]
 
 #: JWK members that carry private or symmetric key material (RFC 7518 §6).
 _SECRET_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
+#: JWK members the gateway reads, each a string when present.
+_STRING_MEMBERS = ("kid", "use", "alg", "crv", "n", "e", "x", "y")
 
 
 class IdentityProviderList(msgspec.Struct, kw_only=True):
@@ -69,6 +72,19 @@ def _check_jwks(body: IdentityProviderBody) -> None:
             raise ValidationFailed(
                 field, "private or symmetric key material is not accepted"
             )
+        _check_member_types(jwk, field)
+
+
+def _check_member_types(jwk: dict[str, Any], field: str) -> None:
+    """The members the gateway reads must have their RFC 7517/7518 types."""
+    for name in _STRING_MEMBERS:
+        if name in jwk and not isinstance(jwk[name], str):
+            raise ValidationFailed(f"{field}.{name}", "must be a string")
+    ops = jwk.get("key_ops")
+    if ops is not None and not (
+        isinstance(ops, list) and all(isinstance(op, str) for op in ops)
+    ):
+        raise ValidationFailed(f"{field}.key_ops", "must be an array of strings")
 
 
 def _check_body(body: IdentityProviderBody) -> None:
@@ -125,6 +141,8 @@ async def put_identity_provider(
 
     async def plan(revision: int) -> Plan[tuple[IdentityProvider, bool]]:
         old, _ = await read(store, idp_record(env, name), IdentityProvider)
+        if old is not None and old.issuer != body.issuer:
+            await _check_issuer_unshared(store, env, name, body.issuer)
         record = _record(name, body, revision, old)
         return Plan(
             (record, old is None),
@@ -136,8 +154,38 @@ async def put_identity_provider(
     return json_response(record, 201 if created else 200)
 
 
-async def agents_using(store: Store, env: str, idp: str) -> list[str]:
-    """``project/agent`` of every deployment in ``env`` that accepts ``idp``."""
+async def _check_issuer_unshared(
+    store: Store, env: str, name: str, issuer: str
+) -> None:
+    """409 if a deployment would then select two identity providers of ``issuer``.
+
+    The gateway would accept the issuer's tokens for one of them only, so the
+    deployment would stop working without saying why.
+    """
+    found = await store.scan(f"identity-providers/{env}/")
+    records = [
+        msgspec.json.decode(raw, type=IdentityProvider) for raw in found.values()
+    ]
+    alike = {r.name for r in records if r.issuer == issuer and r.name != name}
+    if not alike:
+        return
+    clashes = await agents_using(store, env, name, also=alike)
+    if clashes:
+        raise Conflict(
+            "duplicate_issuer",
+            f"Identity provider {name!r} would share the issuer {issuer!r} with "
+            f"{', '.join(sorted(alike))}, selected with it by: {', '.join(clashes)}",
+            {"agents": clashes, "identity_providers": sorted(alike)},
+        )
+
+
+async def agents_using(
+    store: Store, env: str, idp: str, also: Collection[str] = ()
+) -> list[str]:
+    """``project/agent`` of every deployment in ``env`` that accepts ``idp``.
+
+    With ``also``, only those that accept one of ``also`` too.
+    """
     found = await store.scan("deployments/")
     users = []
     for key, raw in found.items():
@@ -145,7 +193,10 @@ async def agents_using(store: Store, env: str, idp: str) -> list[str]:
             continue
         deployment = msgspec.json.decode(raw, type=Deployment)
         oauth = deployment.endpoint_auth.oauth
-        if deployment.environment == env and oauth and idp in oauth.identity_providers:
+        if deployment.environment != env or not oauth:
+            continue
+        selected = oauth.identity_providers
+        if idp in selected and (not also or any(n in selected for n in also)):
             users.append(f"{deployment.project}/{deployment.agent}")
     return users
 

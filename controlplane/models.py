@@ -236,6 +236,13 @@ def check_url(value: str, field: str, *, plain: bool = False) -> str:
     URLs are echoed in answers, so credentials in them are refused. ``plain``
     also refuses a query and a fragment, for base URLs that paths are added to.
     """
+    # An issuer becomes an upstream header value and is compared with the
+    # token's as an exact string: whitespace or a control character in it
+    # would break both, and would be invisible to whoever reads it.
+    if any(c.isspace() or not c.isprintable() for c in value):
+        raise ValidationFailed(
+            field, "must not contain whitespace or control characters"
+        )
     try:
         url = URL(value)
     except ValueError:

@@ -9,11 +9,13 @@ when a fetch fails.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Final
 
 import aiohttp
+import msgspec
 import orjson
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
@@ -27,7 +29,9 @@ from gateway.tokens import (
 
 __all__ = [
     "FETCH_TIMEOUT_S",
+    "MAX_CANDIDATES",
     "MAX_DOCUMENT_BYTES",
+    "MAX_KEYS",
     "REFETCH_COOLDOWN_S",
     "FetchError",
     "KeySet",
@@ -44,6 +48,13 @@ REFETCH_COOLDOWN_S: Final = 10.0
 #: A JWK set or discovery document larger than this is refused.
 MAX_DOCUMENT_BYTES: Final = 1 << 20
 MIN_RSA_BITS: Final = 2048
+#: Usable keys kept of one set, as many as an inline set may hold. Parsing
+#: stops there, so a huge set costs no more than this many keys.
+MAX_KEYS: Final = 64
+#: Keys one token may try. Only a token without ``kid`` (or a kid shared by
+#: several keys) has more than one; the bound keeps what a forged one costs
+#: to a few verifications. Identity providers list their current keys first.
+MAX_CANDIDATES: Final = 4
 
 
 class FetchError(Exception):
@@ -75,6 +86,8 @@ def parse_jwk(jwk: object) -> VerificationKey:
     public_key, algorithms = _public_key(jwk)
     alg = jwk.get("alg")
     if alg is not None:
+        if not isinstance(alg, str):
+            raise UnusableKey("alg is not a string")
         if alg not in algorithms:
             raise UnusableKey("alg does not fit the key type")
         algorithms = frozenset({alg})
@@ -176,9 +189,13 @@ class KeySet:
         self.by_kid = {kid: tuple(ks) for kid, ks in by_kid.items()}
 
     def candidates(self, alg: str, kid: str | None) -> tuple[VerificationKey, ...]:
-        """Keys to try for a token; empty when the token's ``kid`` is unknown."""
+        """Keys to try for a token, at most :data:`MAX_CANDIDATES`, in set order.
+
+        Empty when the token's ``kid`` is unknown.
+        """
         keys = self.keys if kid is None else self.by_kid.get(kid, ())
-        return tuple(k for k in keys if alg in k.algorithms)
+        fitting = (k for k in keys if alg in k.algorithms)
+        return tuple(itertools.islice(fitting, MAX_CANDIDATES))
 
     def has_kid(self, kid: str) -> bool:
         return kid in self.by_kid
@@ -198,11 +215,23 @@ def parse_jwks(idp: str, document: object, previous: KeySet = EMPTY_KEYS) -> Key
     keys: list[VerificationKey] = []
     kept: list[object] = []
     for index, jwk in enumerate(jwks):
+        if len(keys) == MAX_KEYS:
+            _dropped(idp, len(jwks) - index)
+            break
         key = known.get(_canonical(jwk)) or _parse_logged(idp, index, jwk)
         if key is not None:
             keys.append(key)
             kept.append(jwk)
     return KeySet(tuple(keys), tuple(kept))
+
+
+def _dropped(idp: str, count: int) -> None:
+    jwks_log.warning(
+        "identity provider %s: %d JWK(s) after the first %d usable keys dropped",
+        idp,
+        count,
+        MAX_KEYS,
+    )
 
 
 def _key_list(document: object) -> list[object]:
@@ -213,17 +242,26 @@ def _key_list(document: object) -> list[object]:
 
 
 def _canonical(jwk: object) -> bytes:
-    return orjson.dumps(jwk, option=orjson.OPT_SORT_KEYS)
+    # msgspec, unlike orjson, encodes integers of any size: a JWK member such
+    # as a 128-bit timestamp must not make the whole set unreadable.
+    try:
+        return msgspec.json.encode(jwk, order="sorted")
+    except (TypeError, msgspec.EncodeError):
+        # Not a JSON value (only a hand-built policy can hold one).
+        return repr(jwk).encode()
 
 
 def _parse_logged(idp: str, index: int, jwk: object) -> VerificationKey | None:
     try:
         return parse_jwk(jwk)
     except UnusableKey as exc:
-        kid = jwk.get("kid") if isinstance(jwk, dict) else None
-        name = kid if isinstance(kid, str) else f"#{index}"
-        jwks_log.warning("identity provider %s: JWK %.64r skipped: %s", idp, name, exc)
-        return None
+        reason = str(exc)
+    except Exception as exc:  # one odd JWK must never cost the others
+        reason = f"unreadable ({type(exc).__name__})"
+    kid = jwk.get("kid") if isinstance(jwk, dict) else None
+    name = kid if isinstance(kid, str) else f"#{index}"
+    jwks_log.warning("identity provider %s: JWK %.64r skipped: %s", idp, name, reason)
+    return None
 
 
 # --- fetching ---------------------------------------------------------------
@@ -265,13 +303,19 @@ FetchHook = Callable[[str, bool], None]
 
 
 async def fetch_json(session: aiohttp.ClientSession, url: str, limit_s: float) -> Any:
-    """GET a JSON document with a time limit and a size cap."""
+    """GET a JSON document with a time limit and a size cap.
+
+    Redirects are not followed: keys come from the configured host alone.
+    """
     try:
         async with session.get(
             url,
             timeout=aiohttp.ClientTimeout(total=limit_s),
             headers={"Accept": "application/json"},
+            allow_redirects=False,
         ) as resp:
+            if 300 <= resp.status < 400:
+                raise FetchError(f"{url} answered {resp.status}, a redirect")
             if resp.status != 200:
                 raise FetchError(f"{url} answered {resp.status}")
             body = await _read_capped(resp)
@@ -292,6 +336,15 @@ async def _read_capped(resp: aiohttp.ClientResponse) -> bytes:
         if len(body) > MAX_DOCUMENT_BYTES:
             raise FetchError(f"{resp.url} document too large")
     return bytes(body)
+
+
+def _inline_keys(idp: str, jwks: Mapping[str, object]) -> KeySet:
+    try:
+        return parse_jwks(idp, jwks)
+    except FetchError as exc:
+        # Never loaded, so its tokens get 503 until a readable set arrives.
+        jwks_log.error("identity provider %s: inline keys unusable: %s", idp, exc)
+        return EMPTY_KEYS
 
 
 class Keyring:
@@ -321,7 +374,7 @@ class Keyring:
         self._last_end = -float("inf")
         self._refresher: asyncio.Task[None] | None = None
         if source.jwks is not None:
-            self.keys = parse_jwks(idp, source.jwks)
+            self.keys = _inline_keys(idp, source.jwks)
 
     @property
     def remote(self) -> bool:
@@ -354,12 +407,16 @@ class Keyring:
             await self._fetch_now()
         return self.keys
 
-    async def _fetch_now(self) -> None:
-        """Join the fetch in flight, or start one if the cooldown has run out."""
+    async def _fetch_now(self, *, scheduled: bool = False) -> None:
+        """Join the fetch in flight, or start one if the cooldown has run out.
+
+        The cooldown bounds fetches caused by tokens; a ``scheduled`` refresh
+        keeps its own period, even a shorter one.
+        """
         task = self._inflight
         if task is None:
             cooled = time.monotonic() - self._last_end >= self.cooldown_s
-            if not self.remote or not cooled:
+            if not self.remote or not (cooled or scheduled):
                 return
             task = self._inflight = asyncio.get_running_loop().create_task(
                 self._fetch()
@@ -405,11 +462,15 @@ class Keyring:
         uri = doc.get("jwks_uri")
         if not isinstance(uri, str) or not uri.startswith(("https://", "http://")):
             raise FetchError(f"{url} has no jwks_uri")
+        if url.lower().startswith("https://") and uri.startswith("http://"):
+            raise FetchError(f"{url} names a plain http jwks_uri")
         return uri
 
     async def _refresh(self) -> None:
         while True:
-            await self._fetch_now()
+            await self._fetch_now(scheduled=True)
             # Without keys yet, try again soon rather than after a full period.
-            delay = self.refresh_s if self.keys.loaded else self.cooldown_s
+            delay = self.refresh_s
+            if not self.keys.loaded:
+                delay = min(delay, self.cooldown_s)
             await asyncio.sleep(max(delay, 0.05))

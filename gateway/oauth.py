@@ -26,6 +26,7 @@ from gateway.jwks import (
     KeySet,
     KeySource,
 )
+from gateway.log import jwks_log
 from gateway.metrics import JWKS_FETCHES, OAUTH_REQUESTS, TOKEN_CACHE, Tally
 from gateway.policy import IdentityProviderPolicy, OAuthSettings
 from gateway.tokens import (
@@ -143,11 +144,29 @@ class IdentityProviders:
             return
         if old is not None and self._policies.get(name) == policy:
             return
-        keyring = self._keyring(name, policy, old)
-        self._states[name] = IdpState(name, policy, keyring)
+        state = self._build(name, policy, old)
+        if state is None:
+            # Fail closed: keeping the old keys could keep revoked ones alive.
+            self._remove(name, old)
+            return
+        if old is not None and old.keyring is not state.keyring:
+            self._retire(old.keyring)
+        self._states[name] = state
         self._policies[name] = policy
         self.version += 1
-        self._start(keyring)
+        self._start(state.keyring)
+
+    def _build(
+        self, name: str, policy: IdentityProviderPolicy, old: IdpState | None
+    ) -> IdpState | None:
+        try:
+            return IdpState(name, policy, self._keyring(name, policy, old))
+        except Exception:
+            jwks_log.exception(
+                "identity provider %s could not be applied; its tokens are refused",
+                name,
+            )
+            return None
 
     def _remove(self, name: str, old: IdpState | None) -> None:
         if old is None:
@@ -167,8 +186,6 @@ class IdentityProviders:
             # Same key source: keep the keys (and their verified tokens).
             old.keyring.refresh_s = policy.jwks_refresh_s
             return old.keyring
-        if old is not None:
-            self._retire(old.keyring)
         return Keyring(
             name,
             source,

@@ -148,7 +148,9 @@ class PolicyTable:
         try:
             self.idps.apply(name, idp)
         except Exception:
+            # Fail closed: the old keys may be the ones this change revokes.
             policy_log.exception("identity provider %s could not be applied", name)
+            self.idps.apply(name, None)
 
     def _authenticator(self, policy: AgentPolicy) -> Authenticator:
         auth = policy.endpoint_auth

@@ -177,9 +177,12 @@ def extract_token(values: list[str], prefix: str) -> str | None:
 
 
 def _after_prefix(value: str, prefix: str) -> str | None:
+    # RFC 6750 §3.1: no credential of this scheme (an empty value, the scheme
+    # alone, another scheme) is a request without authentication, not a bad
+    # token. On the wire "Bearer " arrives as "Bearer": trailing space is cut.
     n = len(prefix)
     if value[:n].lower() != prefix or value[n : n + 1] not in (" ", "\t"):
-        raise TokenError("format", "authorization scheme not accepted")
+        return None
     token = value[n:].lstrip(" \t").rstrip(" \t")
     return token or None
 
@@ -351,6 +354,10 @@ def _subject(sub: object) -> str | None:
     # The subject becomes an upstream header value: it must be a clean string.
     if not isinstance(sub, str) or _CONTROL.search(sub):
         raise TokenError("format", "token subject is malformed")
+    # Header values lose outer whitespace on the way: " admin" would arrive
+    # as "admin", another subject.
+    if sub != sub.strip():
+        raise TokenError("format", "token subject has leading or trailing whitespace")
     return sub
 
 

@@ -4,4 +4,5 @@ pytest_plugins = [
     "tests.fixtures.stores",
     "tests.fixtures.stack",
     "tests.fixtures.idp",
+    "tests.fixtures.tls",
 ]

@@ -193,6 +193,35 @@ async def test_deployment_unknown_identity_providers_are_422_naming_them(
     }
 
 
+async def test_deployment_two_identity_providers_of_one_issuer_is_422(
+    ready: Client, store: Store
+) -> None:
+    corp = {"issuer": "https://corp.example.com", "discovery": True}
+    for name in ("corp-old", "other", "corp-new"):
+        body = corp if name != "other" else {**corp, "issuer": "https://o.example"}
+        path = f"/environments/dev/identity-providers/{name}"
+        assert (await call(ready, "PUT", path, body))[0] == 201
+    revision = await store.revision("dev")
+
+    status, answer = await deploy(ready, oauth("corp-old", "other", "corp-new"))
+    assert (status, answer) == (
+        422,
+        {
+            "error": "validation_error",
+            "message": "$.endpoint_auth.oauth.identity_providers[2]: identity "
+            "providers 'corp-old' and 'corp-new' have the same issuer "
+            "'https://corp.example.com'; select one of them",
+            "details": {
+                "field": "$.endpoint_auth.oauth.identity_providers[2]",
+                "in": "body",
+                "identity_providers": ["corp-old", "corp-new"],
+            },
+        },
+    )
+    assert await store.revision("dev") == revision
+    assert (await call(ready, "GET", CURRENT))[0] == 404
+
+
 @pytest.mark.parametrize(
     ("body", "field"),
     [

@@ -8,9 +8,12 @@ import time
 from typing import Any
 
 import jwt
+import msgspec
 import pytest
 
 from controlplane.diagnose import REGISTRIES
+from controlplane.records import IdentityProvider, idp_record
+from gateway.store import Store
 from tests.controlplane.conftest import Client, call, setup_agent
 from tests.fixtures.idp import ES256_RESOURCE, RS256_RESOURCE, OidcProvider
 from tests.gateway import tokenkit
@@ -256,4 +259,30 @@ async def test_diagnose_not_deployed_is_404(api: Client) -> None:
             "message": "deployment 'shop/helper in dev' does not exist",
             "details": {"kind": "deployment", "name": "shop/helper in dev"},
         },
+    )
+
+
+async def test_diagnose_identity_provider_with_odd_jwk_is_answered(
+    api: Client, store: Store
+) -> None:
+    # A record stored before JWK member types were checked: one alg is a list.
+    await setup_agent(api)
+    local = {"issuer": tokenkit.ISSUER, "jwks": {"keys": [tokenkit.jwk(LOCAL_KEY)]}}
+    await call(api, "PUT", "/environments/dev/identity-providers/local", local)
+    auth = {"type": "oauth", "oauth": {"identity_providers": ["local"]}}
+    await call(api, "POST", DEPLOY, {"environment": "dev", "endpoint_auth": auth})
+    key = idp_record("dev", "local")
+    record = msgspec.json.decode(await store.get(key) or b"", type=IdentityProvider)
+    odd = tokenkit.jwk(tokenkit.rsa_key(2048, 8), "odd", alg=["RS256"])
+    jwks = {"keys": [odd, tokenkit.jwk(LOCAL_KEY, "k1")]}
+    await store.put(
+        key, msgspec.json.encode(msgspec.structs.replace(record, jwks=jwks))
+    )
+
+    status, answer = await call(api, "POST", DIAGNOSE, {"token": _local()})
+    assert status == 200
+    assert (answer["valid"], answer["identity_provider"], answer["subject"]) == (
+        True,
+        "local",
+        "client-1",
     )

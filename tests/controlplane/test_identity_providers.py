@@ -118,6 +118,14 @@ _BAD: list[tuple[dict[str, Any], str]] = [
     (idp(jwks={"keys": [{"x": 1}]}), "$.jwks.keys[0]"),
     (idp(jwks={"keys": [JWK, {**JWK, "d": "secret"}]}), "$.jwks.keys[1]"),
     (idp(jwks={"keys": [{"kty": "oct", "k": "c2VjcmV0"}]}), "$.jwks.keys[0]"),
+    (idp(jwks={"keys": [JWK, {**JWK, "alg": ["ES256"]}]}), "$.jwks.keys[1].alg"),
+    (idp(jwks={"keys": [{**JWK, "alg": {"name": "ES256"}}]}), "$.jwks.keys[0].alg"),
+    (idp(jwks={"keys": [{**JWK, "kid": 7}]}), "$.jwks.keys[0].kid"),
+    (idp(jwks={"keys": [{**JWK, "use": None}]}), "$.jwks.keys[0].use"),
+    (idp(jwks={"keys": [{**JWK, "crv": 256}]}), "$.jwks.keys[0].crv"),
+    (idp(jwks={"keys": [{**JWK, "x": 10**30}]}), "$.jwks.keys[0].x"),
+    (idp(jwks={"keys": [{**JWK, "key_ops": "verify"}]}), "$.jwks.keys[0].key_ops"),
+    (idp(jwks={"keys": [{**JWK, "key_ops": [1]}]}), "$.jwks.keys[0].key_ops"),
 ]
 
 
@@ -129,6 +137,47 @@ async def test_identity_provider_bad_body_is_422_naming_the_field(
     assert status == 422
     assert answer["details"] == {"field": field, "in": "body"}
     assert "secret" not in msgspec.json.encode(answer).decode()
+
+
+async def test_identity_provider_issuer_with_crlf_is_422(
+    dev: Client, store: Store
+) -> None:
+    body = {"issuer": "https://idp.example/a\r\nX-Injected: 1", "discovery": True}
+    status, answer = await call(dev, "PUT", IDP, body)
+    assert (status, answer) == (
+        422,
+        {
+            "error": "validation_error",
+            "message": "$.issuer: must not contain whitespace or control characters",
+            "details": {"field": "$.issuer", "in": "body"},
+        },
+    )
+    assert await store.revision("dev") == 0
+
+
+async def test_identity_provider_jwk_member_of_wrong_type_is_422_naming_it(
+    dev: Client, store: Store
+) -> None:
+    body = idp(jwks={"keys": [JWK, {**JWK, "kid": "k2", "alg": ["ES256"]}]})
+    status, answer = await call(dev, "PUT", IDP, body)
+    assert (status, answer) == (
+        422,
+        {
+            "error": "validation_error",
+            "message": "$.jwks.keys[1].alg: must be a string",
+            "details": {"field": "$.jwks.keys[1].alg", "in": "body"},
+        },
+    )
+    assert await store.revision("dev") == 0
+
+
+async def test_identity_provider_jwk_unknown_member_of_any_size_is_kept(
+    dev: Client,
+) -> None:
+    key = {**JWK, "x_created": 10**30}
+    status, answer = await call(dev, "PUT", IDP, idp(jwks={"keys": [key]}))
+    assert (status, answer["jwks"]) == (201, {"keys": [key]})
+    assert await call(dev, "GET", IDP) == (200, answer)
 
 
 async def test_identity_provider_delete_in_use_is_409_naming_agents(
@@ -153,3 +202,37 @@ async def test_identity_provider_delete_in_use_is_409_naming_agents(
     }
     assert await store.revision("dev") == revision
     assert "idp/corp" in (await store.snapshot("dev")).policies
+
+
+async def test_identity_provider_issuer_change_shared_by_a_deployment_is_409(
+    api: Client, store: Store
+) -> None:
+    await setup_agent(api)
+    await setup_agent(api, agent="other")
+    for name in ("corp", "partner", "spare"):
+        await add_idp(api, name=name)
+    both = {"type": "oauth", "oauth": {"identity_providers": ["corp", "partner"]}}
+    alone = {"type": "oauth", "oauth": {"identity_providers": ["spare"]}}
+    for agent, auth in (("helper", both), ("other", alone)):
+        path = f"/projects/shop/agents/{agent}/deployments"
+        body = {"environment": "dev", "endpoint_auth": auth}
+        assert (await call(api, "POST", path, body))[0] == 201
+    revision = await store.revision("dev")
+
+    partner = "/environments/dev/identity-providers/partner"
+    moved = {"issuer": "https://corp.example.com", "discovery": True}
+    status, answer = await call(api, "PUT", partner, moved)
+    assert (status, answer) == (
+        409,
+        {
+            "error": "duplicate_issuer",
+            "message": "Identity provider 'partner' would share the issuer "
+            "'https://corp.example.com' with corp, selected with it by: shop/helper",
+            "details": {"agents": ["shop/helper"], "identity_providers": ["corp"]},
+        },
+    )
+    assert await store.revision("dev") == revision
+
+    # Selected alone, an identity provider may take another one's issuer.
+    spare = "/environments/dev/identity-providers/spare"
+    assert (await call(api, "PUT", spare, moved))[0] == 200

@@ -8,16 +8,25 @@ import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.auth import AuthFailure
-from gateway.jwks import MAX_DOCUMENT_BYTES, parse_jwks
+from gateway.jwks import (
+    MAX_CANDIDATES,
+    MAX_DOCUMENT_BYTES,
+    MAX_KEYS,
+    Keyring,
+    KeySource,
+    parse_jwks,
+)
 from gateway.oauth import IdentityProviders, OAuthAuthenticator
 from gateway.policy import IdentityProviderPolicy, OAuthSettings
-from tests.gateway.tokenkit import b64, claims, ec_key, jwk, rsa_key, sign
+from tests.fixtures.tls import Tls
+from tests.gateway.tokenkit import ISSUER, b64, claims, ec_key, jwk, rsa_key, sign
 
 ServerFactory = Callable[..., Awaitable[TestServer]]
 
@@ -40,6 +49,8 @@ def test_parse_jwks_skips_each_unusable_key_alone(
             jwk(rsa_key(), "enc", use="enc"),
             jwk(rsa_key(), "wrong-alg", alg="ES256"),
             jwk(rsa_key(), "hmac-alg", alg="HS256"),
+            jwk(rsa_key(), "alg-list", alg=["RS256"]),
+            jwk(EC_B, "alg-object", alg={"name": "ES256"}),
             {"kty": "XYZ", "kid": "unknown-kty"},
             {"kty": "EC", "crv": "secp256k1", "x": "AA", "y": "AA", "kid": "bad-curve"},
             {"kty": "OKP", "crv": "X25519", "x": b64(b"\x01" * 32), "kid": "x25519"},
@@ -67,6 +78,8 @@ def test_parse_jwks_skips_each_unusable_key_alone(
         "'enc' skipped: use is not sig",
         "'wrong-alg' skipped: alg does not fit the key type",
         "'hmac-alg' skipped: alg does not fit the key type",
+        "'alg-list' skipped: alg is not a string",
+        "'alg-object' skipped: alg is not a string",
         "'unknown-kty' skipped: unknown key type",
         "'bad-curve' skipped: unsupported curve",
         "'x25519' skipped: unsupported curve",
@@ -75,7 +88,7 @@ def test_parse_jwks_skips_each_unusable_key_alone(
         "'bad-b64' skipped: member n is not base64url",
         "'off-curve' skipped: point is not on the curve",
         "'private' skipped: private key published in a JWK set",
-        "'#12' skipped: not a JSON object",
+        "'#14' skipped: not a JSON object",
     ]
     assert all(small["n"][:40] not in r and private["d"] not in r for r in reasons)
 
@@ -85,6 +98,37 @@ def test_parse_jwks_reuses_unchanged_key_objects() -> None:
     second = parse_jwks("idp", {"keys": [jwk(EC_B, "b"), jwk(rsa_key(), "c")]}, first)
     assert second.keys[0] is first.keys[1]
     assert second.keys[1] is not first.keys[0]
+
+
+def test_parse_jwks_keeps_a_key_with_an_integer_member_of_any_size() -> None:
+    big = jwk(EC_A, "a", x_created=10**30, x_meta={"serial": -(2**80)})
+    first = parse_jwks("idp", {"keys": [big, jwk(EC_B, "b")]})
+    again = parse_jwks("idp", {"keys": [big]}, first)
+    assert [k.kid for k in first.keys] == ["a", "b"]
+    assert again.keys == (first.keys[0],)
+
+
+def test_parse_jwks_keeps_the_first_max_keys_usable_keys(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    usable = [jwk(EC_A, f"k{i}") for i in range(MAX_KEYS + 1)]
+    document = {"keys": ["unusable", *usable, *["never parsed"] * 99]}
+    with caplog.at_level(logging.WARNING, logger="agw.gateway.jwks"):
+        keys = parse_jwks("idp-x", document)
+
+    assert [k.kid for k in keys.keys] == [f"k{i}" for i in range(MAX_KEYS)]
+    assert [r.getMessage() for r in caplog.records] == [
+        "identity provider idp-x: JWK '#0' skipped: not a JSON object",
+        "identity provider idp-x: 100 JWK(s) after the first 64 usable keys dropped",
+    ]
+
+
+def test_keyset_candidates_are_bounded_in_set_order() -> None:
+    keys = parse_jwks("idp", {"keys": [jwk(ec_key("P-256", n)) for n in range(10)]})
+    shared = parse_jwks("idp", {"keys": [jwk(EC_A, "same")] * 10})
+    assert keys.candidates("ES256", None) == keys.keys[:MAX_CANDIDATES]
+    assert shared.candidates("ES256", "same") == shared.keys[:MAX_CANDIDATES]
+    assert keys.candidates("RS256", None) == ()
 
 
 # --- a JWKS server of the test's own ----------------------------------------------
@@ -105,6 +149,7 @@ class JwksServer:
     def app(self) -> web.Application:
         app = web.Application()
         app.router.add_get("/jwks", self._jwks)
+        app.router.add_get("/moved", self._moved)
         app.router.add_get("/.well-known/openid-configuration", self._discovery)
         return app
 
@@ -114,6 +159,9 @@ class JwksServer:
         if self.body is not None:
             return web.Response(body=self.body, content_type="application/json")
         return web.json_response({"keys": self.keys}, status=self.status)
+
+    async def _moved(self, request: web.Request) -> web.Response:
+        raise web.HTTPFound(self.base + "/jwks")
 
     async def _discovery(self, request: web.Request) -> web.Response:
         issuer = self.discovery_issuer or self.base
@@ -287,19 +335,20 @@ async def test_keyring_background_refresh_picks_up_new_keys(
 ) -> None:
     idps = make_idps(cooldown_s=0.01)
     idps.apply("remote", idp_policy(jwks_server, jwks_refresh_s=0.02))
-    assert await authenticate(idps, token_for(jwks_server)) == (200, "remote")
+    old = token_for(jwks_server)
+    assert await authenticate(idps, old) == (200, "remote")
+    assert len(idps.cache) == 1
     jwks_server.keys = [jwk(EC_B, "b")]
     seen = jwks_server.fetches
     await eventually(lambda: jwks_server.fetches >= seen + 2)
-    # The old key is no longer published: its verified tokens stop working too.
-    assert await authenticate(idps, token_for(jwks_server, EC_A, None)) == (
-        401,
-        "invalid_token",
-        {
-            "WWW-Authenticate": 'Bearer realm="agent-gateway", error="invalid_token", '
-            'error_description="invalid signature"'
-        },
+
+    assert await authenticate(idps, token_for(jwks_server, EC_B, "b")) == (
+        200,
+        "remote",
     )
+    # The old key is no longer published: the token verified with it and
+    # cached stops working too.
+    assert await authenticate(idps, old) == UNKNOWN_KEY
 
 
 @pytest.mark.parametrize("failure", ["status", "slow", "unreachable"])
@@ -336,3 +385,86 @@ async def test_apply_changed_idp_keeps_keys_of_same_source(
     )
     assert idps.get("remote").keyring is not keyring  # type: ignore[union-attr]
     assert jwks_server.fetches == 1
+
+
+async def test_keyring_remote_set_with_odd_jwk_keeps_the_others(
+    jwks_server: JwksServer, make_idps: IdpsFactory
+) -> None:
+    jwks_server.keys = [
+        jwk(EC_B, "odd", alg=["ES256"]),
+        jwk(EC_A, "a", x_created=10**30),
+    ]
+    idps = make_idps()
+    idps.apply("remote", idp_policy(jwks_server))
+    assert await authenticate(idps, token_for(jwks_server)) == (200, "remote")
+    assert await authenticate(idps, token_for(jwks_server, EC_B, "odd")) == (
+        UNKNOWN_KEY
+    )
+
+
+async def test_keyring_inline_set_without_keys_is_503(make_idps: IdpsFactory) -> None:
+    idps = make_idps()
+    policy = IdentityProviderPolicy(name="remote", issuer=ISSUER, jwks={"keys": 5})
+    idps.apply("remote", policy)
+    assert await authenticate(idps, "Bearer " + sign(EC_A, "ES256", "a")) == (
+        UNAVAILABLE
+    )
+
+
+async def test_keyring_redirect_is_a_failed_fetch(
+    jwks_server: JwksServer, make_idps: IdpsFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    idps = make_idps()
+    moved = jwks_server.base + "/moved"
+    idps.apply("remote", idp_policy(jwks_server, jwks_uri=moved))
+    with caplog.at_level(logging.WARNING, logger="agw.gateway.jwks"):
+        assert await authenticate(idps, token_for(jwks_server)) == UNAVAILABLE
+    assert jwks_server.fetches == 0
+    assert [r.getMessage() for r in caplog.records] == [
+        f"identity provider remote: keys not fetched: {moved} answered 302, a redirect"
+    ]
+
+
+async def test_keyring_discovery_of_http_jwks_uri_for_https_issuer_is_refused(
+    aiohttp_server: ServerFactory, tls: Tls, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def document(request: web.Request) -> web.Response:
+        host = f"127.0.0.1:{request.url.port}"
+        keys = f"http://{host}/jwks"
+        return web.json_response({"issuer": f"https://{host}", "jwks_uri": keys})
+
+    app = web.Application()
+    app.router.add_get("/.well-known/openid-configuration", document)
+    server = await aiohttp_server(app, ssl=tls.server)
+    issuer = f"https://127.0.0.1:{server.port}"
+    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=tls.client))
+
+    async def sessions() -> aiohttp.ClientSession:
+        return session
+
+    keyring = Keyring("remote", KeySource(issuer, None, None, True), sessions)
+    with caplog.at_level(logging.WARNING, logger="agw.gateway.jwks"):
+        keys = await keyring.ensure_loaded()
+    await keyring.close()
+    await session.close()
+    assert keys.loaded is False
+    assert [r.getMessage() for r in caplog.records] == [
+        "identity provider remote: keys not fetched: "
+        f"{issuer}/.well-known/openid-configuration names a plain http jwks_uri"
+    ]
+
+
+async def test_keyring_refresh_period_shorter_than_cooldown_is_kept(
+    jwks_server: JwksServer, make_idps: IdpsFactory
+) -> None:
+    idps = make_idps(cooldown_s=60)
+    idps.apply("remote", idp_policy(jwks_server, jwks_refresh_s=0.05))
+    assert await authenticate(idps, token_for(jwks_server)) == (200, "remote")
+
+    jwks_server.keys = [jwk(EC_B, "b")]
+    await eventually(lambda: jwks_server.fetches >= 3)
+    # Picked up by the refresh: no token could have fetched within the cooldown.
+    assert await authenticate(idps, token_for(jwks_server, EC_B, "b")) == (
+        200,
+        "remote",
+    )

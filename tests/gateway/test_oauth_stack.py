@@ -11,7 +11,13 @@ import aiohttp
 
 from gateway.jwks import REFETCH_COOLDOWN_S
 from tests.fixtures.idp import ES256_RESOURCE, RS256_RESOURCE, OidcProvider
-from tests.fixtures.stack import AgentProcess, ControlPlaneProcess, GatewayFactory
+from tests.fixtures.stack import (
+    AgentProcess,
+    ControlPlaneProcess,
+    GatewayFactory,
+    GatewayProcess,
+    free_port,
+)
 
 ControlPlaneFactory = Callable[[str], Awaitable[ControlPlaneProcess]]
 
@@ -47,14 +53,31 @@ async def deploy_oauth(
     return str(answer["invoke_url"])
 
 
+#: A copy of every header only the gateway may set, as a caller could send it.
+SPOOFED = {
+    "X-Auth-Subject": "spoofed",
+    "X-Auth-Issuer": "https://spoofed.example",
+    "X-Auth-Identity-Provider": "spoofed",
+    "X-Auth-Api-Key-Name": "spoofed",
+}
+
+
 async def invoke(url: str, token: str | None) -> tuple[int, dict[str, str], Any]:
     headers = {} if token is None else {"Authorization": f"Bearer {token}"}
-    headers["X-Auth-Subject"] = "spoofed"
+    return await call(url, {**headers, **SPOOFED})
+
+
+async def call(url: str, headers: dict[str, str]) -> tuple[int, dict[str, str], Any]:
     async with (
         aiohttp.ClientSession() as http,
         http.get(url + "/chat", headers=headers) as response,
     ):
         return response.status, dict(response.headers), await response.json()
+
+
+def closed_url() -> str:
+    """A URL of 127.0.0.1 where nothing listens."""
+    return f"http://127.0.0.1:{free_port()}"
 
 
 def upstream_headers(echo: dict[str, Any]) -> dict[str, list[str]]:
@@ -82,9 +105,11 @@ async def test_oauth_through_gateway_with_oidc_provider_token(
     status, _, echo = await invoke(url, token)
     assert status == 200
     seen = upstream_headers(echo)
-    assert seen["x-auth-subject"] == ["agents-client"]
-    assert seen["x-auth-issuer"] == [oidc_provider.issuer]
-    assert seen["x-auth-identity-provider"] == ["corp"]
+    assert {name: seen[name] for name in seen if name.startswith("x-auth-")} == {
+        "x-auth-subject": ["agents-client"],
+        "x-auth-issuer": [oidc_provider.issuer],
+        "x-auth-identity-provider": ["corp"],
+    }
     assert "authorization" not in seen  # forward_token is false
 
     status, headers, body = await invoke(url, None)
@@ -140,3 +165,77 @@ async def test_oauth_key_rotation_without_gateway_restart(
     assert headers["WWW-Authenticate"].endswith(
         'error_description="unknown key for the token\'s algorithm"'
     )
+
+
+MISSING = (
+    401,
+    'Bearer realm="agent-gateway"',
+    {"error": "unauthorized", "message": "Bearer token required"},
+)
+
+
+async def oauth_samples(gateway: GatewayProcess) -> dict[str, float]:
+    """The non-zero OAuth, JWKS and token-cache counters of the management port."""
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(gateway.admin_url + "/metrics") as response,
+    ):
+        text = await response.text()
+    samples = {}
+    for line in text.splitlines():
+        name, _, value = line.rpartition(" ")
+        if name.startswith(("agw_oauth_", "agw_jwks_", "agw_token_")):
+            samples[name] = float(value)
+    return {name: value for name, value in samples.items() if value}
+
+
+async def test_oauth_through_gateway_missing_forms_and_metrics(
+    gateway_factory: GatewayFactory,
+    controlplane_factory: ControlPlaneFactory,
+    upstream_agent: AgentProcess,
+    oidc_provider: OidcProvider,
+    redis_url: str,
+    environment: str,
+) -> None:
+    gateway = await gateway_factory(store=redis_url, environment=environment)
+    controlplane = await controlplane_factory(redis_url)
+    url = await deploy_oauth(
+        controlplane, environment, gateway.url, upstream_agent, oidc_provider
+    )
+    down = {"issuer": "https://down.example", "jwks_uri": f"{closed_url()}/jwks"}
+    idp = f"{controlplane.url}/api/v1/environments/{environment}/identity-providers"
+    async with (
+        aiohttp.ClientSession(headers=controlplane.headers) as http,
+        http.put(f"{idp}/down", json=down) as response,
+    ):
+        assert response.status == 201
+
+    # What each is on the wire: "Bearer " arrives as "Bearer".
+    for value in ("", "Bearer", "Bearer ", "bearer \t", "Basic dXNlcjpwYXNz"):
+        status, headers, body = await call(url, {"Authorization": value})
+        assert (status, headers["WWW-Authenticate"], body) == MISSING
+    assert (await call(url, {}))[0] == 401
+    token = await asyncio.to_thread(oidc_provider.token, ES256_RESOURCE)
+    assert (await invoke(url, token))[0] == 200
+    assert (await invoke(url, token))[0] == 200
+    other = await asyncio.to_thread(oidc_provider.token, RS256_RESOURCE)
+    assert (await invoke(url, other))[0] == 401
+
+    error = 'agw_jwks_fetches_total{identity_provider="down",result="error"}'
+    expected = {
+        'agw_oauth_requests_total{outcome="allowed",reason=""}': 2.0,
+        'agw_oauth_requests_total{outcome="denied",reason="missing"}': 6.0,
+        'agw_oauth_requests_total{outcome="denied",reason="audience"}': 1.0,
+        'agw_jwks_fetches_total{identity_provider="corp",result="ok"}': 1.0,
+        error: 1.0,
+        'agw_token_cache_total{result="hit"}': 1.0,
+        'agw_token_cache_total{result="miss"}': 2.0,
+    }
+    # Request counts reach the metrics within a flush interval (1 s).
+    samples = await oauth_samples(gateway)
+    for _ in range(200):
+        if samples == expected:
+            break
+        await asyncio.sleep(0.05)
+        samples = await oauth_samples(gateway)
+    assert samples == expected

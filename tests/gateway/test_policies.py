@@ -6,16 +6,20 @@ import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.auth import AuthFailure, NoAuth
+from gateway.oauth import IdentityProviders
 from gateway.policies import PolicyTable, describe_writes
 from gateway.policy import (
     AgentPolicy,
     ApiKeyPolicy,
     EndpointAuth,
+    IdentityProviderPolicy,
     OAuthSettings,
     agent_key,
     apikey_key,
     encode_policy,
+    idp_key,
 )
+from tests.gateway.tokenkit import ISSUER, ec_key, jwk, rsa_key, sign
 
 
 def _agent(name: str, upstream: str = "http://127.0.0.1:9/base", **kw: object) -> bytes:
@@ -105,3 +109,49 @@ def test_describe_writes_never_names_api_key_hashes() -> None:
     assert describe_writes(writes) == (
         "agent/p/a set, idp/corp removed, 1 api key(s) changed"
     )
+
+
+async def test_policy_table_identity_provider_with_odd_jwk_is_applied() -> None:
+    idps = IdentityProviders()
+    key = ec_key()
+    keys = [jwk(rsa_key(), "odd", alg=["RS256"], x_n=10**30), jwk(key, "k1")]
+    policy = IdentityProviderPolicy(name="corp", issuer=ISSUER, jwks={"keys": keys})
+    auth = EndpointAuth(type="oauth", oauth=OAuthSettings(identity_providers=["corp"]))
+    table = PolicyTable(idps)
+    table.apply(
+        1,
+        {
+            idp_key("corp"): encode_policy(policy),
+            agent_key("p", "a"): _agent("a", endpoint_auth=auth),
+        },
+    )
+
+    token = "Bearer " + sign(key, "ES256", "k1")
+    authenticator = table.routes[("p", "a")].authenticator
+    identity = await authenticator.authenticate(
+        CIMultiDictProxy(CIMultiDict([("Authorization", token)]))
+    )
+    assert identity.headers[1:] == (
+        ("X-Auth-Issuer", ISSUER),
+        ("X-Auth-Identity-Provider", "corp"),
+    )
+    await idps.close()
+
+
+class _RefusingSink:
+    """Identity providers that refuse every policy, remembering removals."""
+
+    def __init__(self) -> None:
+        self.removed: list[str] = []
+
+    def apply(self, name: str, policy: IdentityProviderPolicy | None) -> None:
+        if policy is not None:
+            raise RuntimeError("cannot apply")
+        self.removed.append(name)
+
+
+def test_policy_table_identity_provider_that_cannot_be_applied_is_removed() -> None:
+    sink = _RefusingSink()
+    policy = IdentityProviderPolicy(name="corp", issuer=ISSUER, discovery=True)
+    PolicyTable(sink).apply(1, {idp_key("corp"): encode_policy(policy)})
+    assert sink.removed == ["corp"]

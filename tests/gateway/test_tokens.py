@@ -7,6 +7,9 @@ import time
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -53,9 +56,10 @@ from tests.gateway.tokenkit import (
         (["Bearer\tabc"], "bearer", "abc"),
         (["Bearer abc  "], "bearer", "abc"),
         (["Bearer "], "bearer", None),
-        (["Bearer"], "bearer", "raise"),
-        (["Bearerabc"], "bearer", "raise"),
-        (["Basic abc"], "bearer", "raise"),
+        (["Bearer"], "bearer", None),
+        ([""], "bearer", None),
+        (["Bearerabc"], "bearer", None),
+        (["Basic abc"], "bearer", None),
         (["Token abc"], "token", "abc"),
         (["abc"], "", "abc"),
         (["  abc "], "", "abc"),
@@ -64,15 +68,9 @@ from tests.gateway.tokenkit import (
     ],
 )
 def test_extract_token_header_forms(
-    values: list[str], prefix: str, expected: Any
+    values: list[str], prefix: str, expected: str | None
 ) -> None:
-    if expected == "raise":
-        with pytest.raises(TokenError) as info:
-            extract_token(values, prefix)
-        assert info.value.check == "format"
-        assert info.value.description == "authorization scheme not accepted"
-    else:
-        assert extract_token(values, prefix) == expected
+    assert extract_token(values, prefix) == expected
 
 
 def test_extract_token_two_headers_is_malformed_request() -> None:
@@ -277,6 +275,9 @@ def test_check_algorithm_allowed_rejects_outside_idp_list() -> None:
 # --- claims -------------------------------------------------------------------
 
 
+_PADDED = "token subject has leading or trailing whitespace"
+
+
 def _claims_error(payload: dict[str, Any]) -> tuple[str, str]:
     with pytest.raises(TokenError) as info:
         read_claims(payload, "iss")
@@ -302,6 +303,11 @@ def _claims_error(payload: dict[str, Any]) -> tuple[str, str]:
         ({"exp": 2e9, "sub": 5}, "format", "token subject is malformed"),
         ({"exp": 2e9, "sub": "a\r\nX-Evil: 1"}, "format", "token subject is malformed"),
         ({"exp": 2e9, "sub": "a\x00"}, "format", "token subject is malformed"),
+        ({"exp": 2e9, "sub": " admin"}, "format", _PADDED),
+        ({"exp": 2e9, "sub": "admin\t"}, "format", "token subject is malformed"),
+        ({"exp": 2e9, "sub": "admin "}, "format", _PADDED),
+        ({"exp": 2e9, "sub": "\u00a0admin"}, "format", _PADDED),
+        ({"exp": 2e9, "sub": "admin\u2028"}, "format", _PADDED),
     ],
 )
 def test_read_claims_rejects(
@@ -447,28 +453,38 @@ def test_verify_signature_rejects_der_ecdsa(alg: str, curve: str) -> None:
     assert verify_signature(alg, _key(private), data, der) is False
 
 
+_DATA = b"header.payload"
+
+
+def _ecdsa(private: Any, hash_: hashes.HashAlgorithm, width: int) -> bytes:
+    """A valid ECDSA signature by ``private``, as raw R||S of ``width`` bytes."""
+    r, s = decode_dss_signature(private.sign(_DATA, ec.ECDSA(hash_)))
+    return r.to_bytes(width, "big") + s.to_bytes(width, "big")
+
+
+# Each signature is valid for its key: only the key-fits-algorithm check
+# refuses it (without that check, some would verify and others would raise).
+_MISFITS = [
+    ("ES384", ec_key("P-256"), _ecdsa(ec_key("P-256"), hashes.SHA384(), 48)),
+    ("ES512", ec_key("P-256"), _ecdsa(ec_key("P-256"), hashes.SHA512(), 66)),
+    ("ES256", rsa_key(), raw_sign("PS256", rsa_key(), _DATA)),
+    ("ES512", rsa_key(), raw_sign("PS512", rsa_key(), _DATA)),
+    ("ES256", ed_key(), raw_sign("EdDSA", ed_key(), _DATA)),
+    ("RS256", ed_key(), raw_sign("EdDSA", ed_key(), _DATA)),
+    ("EdDSA", rsa_key(), raw_sign("PS256", rsa_key(), _DATA)),
+    ("RS256", ec_key(), raw_sign("ES256", ec_key(), _DATA)),
+]
+
+
 @pytest.mark.parametrize(
-    ("alg", "private"),
-    [
-        ("ES256", rsa_key()),
-        ("RS256", ec_key()),
-        ("ES384", ec_key("P-256")),
-        ("EdDSA", rsa_key()),
-        ("ES256", ed_key()),
-        ("PS256", ec_key()),
-    ],
+    ("alg", "private", "sig"),
+    _MISFITS,
+    ids=[f"{alg} on {type(p).__name__}" for alg, p, _ in _MISFITS],
 )
-def test_verify_signature_key_must_fit_algorithm(alg: str, private: Any) -> None:
-    data = b"header.payload"
-    other = {
-        "ES256": ec_key(),
-        "RS256": rsa_key(),
-        "ES384": ec_key("P-384"),
-        "EdDSA": ed_key(),
-        "PS256": rsa_key(),
-    }[alg]
-    sig = raw_sign(alg, other, data)
-    assert verify_signature(alg, _key(private), data, sig) is False
+def test_verify_signature_key_must_fit_algorithm(
+    alg: str, private: Any, sig: bytes
+) -> None:
+    assert verify_signature(alg, _key(private), _DATA, sig) is False
 
 
 def test_verify_signature_respects_jwk_alg() -> None:
