@@ -5,6 +5,9 @@ key of its own per agent and environment. It is committed like any key (so
 the gateway enforces it as usual), never listed and never answered; its
 secret lives only in this process's memory, and is reused while fresh so
 that repeated test calls do not spend a revision each.
+
+The key is sent only once every live gateway worker enforces the deployment
+the call read, whose ``api_key`` route strips the key before the agent.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ __all__ = [
     "MAX_RESPONSE_BYTES",
     "GatewayTimeout",
     "GatewayUnreachable",
+    "NotPropagated",
     "TestBody",
     "TestKeys",
     "TestView",
@@ -128,6 +132,13 @@ class GatewayTimeout(ApiError):
     code = "gateway_timeout"
 
 
+class NotPropagated(ApiError):
+    """Some live gateway worker does not enforce the deployment yet."""
+
+    status = 503
+    code = "not_propagated"
+
+
 # --- the hidden key ---------------------------------------------------------
 
 
@@ -199,6 +210,24 @@ def _unavailable(project: str, agent: str, env: str) -> Conflict:
         f"{project}/{agent} uses oauth in {env!r}: the control plane cannot "
         "mint a token for it, so it cannot be tested from here",
     )
+
+
+async def _enforced(store: Store, env: str, revision: int) -> None:
+    """Return once every live worker has applied ``revision``; 503 if not in time.
+
+    A worker still at an older revision may serve the agent's previous route,
+    one without ``api_key``, which would pass the hidden key to the agent.
+    A deployment committed after the call read its own is not waited for:
+    that window is as short as the request's flight, and closing it would
+    need the gateway to strip the key on every route.
+    """
+    state = await wait_for(store, env, revision, _PROPAGATION_S)
+    if state.pending:
+        raise NotPropagated(
+            f"Revision {revision} has not reached every live gateway worker of "
+            f"{env!r} within {_PROPAGATION_S:g} s; the test call was not sent",
+            {"revision": revision, "pending": state.pending},
+        )
 
 
 # --- checking the request ---------------------------------------------------
@@ -338,12 +367,13 @@ async def post_test(request: web.Request, body: TestBody) -> web.StreamResponse:
     _check_path(body.path)
     _check_headers(body.headers, header)
     out = _outgoing(body, environment.gateway_url, project, agent)
+    store = request.app[STORE]
     if header is None:
+        await _enforced(store, env, deployment.revision)
         return json_response(await _send(request.app[TEST_CLIENT], out))
 
-    store = request.app[STORE]
     held = await request.app[TEST_KEYS].key_for(store, (env, project, agent))
-    await wait_for(store, env, held.revision, _PROPAGATION_S)
+    await _enforced(store, env, max(held.revision, deployment.revision))
     out.headers[header] = held.key
     view = await _send(request.app[TEST_CLIENT], out)
     return json_response(_scrub(view, header, held.key))

@@ -5,20 +5,25 @@ from __future__ import annotations
 import base64
 import gzip
 import json
+import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 from controlplane import invoke
 from controlplane.apikeys import ApiKey, apikey_record
-from gateway.store import Store
+from gateway.store import Store, WorkerInfo
 from tests.controlplane.conftest import Client, add_idp, call, setup_agent
 from tests.fixtures.stack import AgentProcess, GatewayFactory, free_port
 
 TEST = "/projects/shop/agents/helper/environments/dev/test"
 DEPLOY = "/projects/shop/agents/helper/deployments"
 KEYS = "/projects/shop/agents/helper/environments/dev/api-keys"
+Server = Callable[..., Awaitable[TestServer]]
 
 
 async def deploy(api: Client, auth: str, query: str = "?wait=10") -> None:
@@ -230,3 +235,80 @@ async def test_invoke_bad_request_is_422_naming_the_field(
     status, answer = await call(api, "POST", TEST, body)
     assert (status, answer["error"]) == (422, "validation_error")
     assert answer["details"]["field"].startswith(field)
+
+
+class Recorder:
+    """An agent of the test's own that keeps every request's raw header lines."""
+
+    def __init__(self) -> None:
+        self.heads: list[list[tuple[bytes, bytes]]] = []
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.heads.append(list(request.raw_headers))
+        return web.Response(text="ok")
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        return app
+
+
+async def test_invoke_hidden_key_never_reaches_the_agent_after_a_redeploy(
+    api: Client,
+    store_location: str,
+    gateway_factory: GatewayFactory,
+    aiohttp_server: Server,
+) -> None:
+    recorder = Recorder()
+    agent = await aiohttp_server(recorder.app())
+    gateway = await gateway_factory(store=store_location, environment="dev", workers=2)
+    await call(api, "PUT", "/environments/dev", {"gateway_url": gateway.url})
+    await call(api, "PUT", "/projects/shop", {})
+    upstream = {"upstream_url": str(agent.make_url("")).rstrip("/")}
+    await call(api, "PUT", "/projects/shop/agents/helper", upstream)
+    await deploy(api, "api_key")
+    assert (await call(api, "POST", TEST, {}))[1]["status"] == 200  # key held
+
+    for _ in range(10):
+        await deploy(api, "none")
+        await deploy(api, "api_key", query="")
+        status, answer = await call(api, "POST", TEST, {"path": "/race"})
+        assert (status, answer["status"], answer["body"]) == (200, 200, "ok")
+
+    # Every request went through the api_key route, which strips the key.
+    heads = [{name.lower(): value for name, value in h} for h in recorder.heads]
+    assert [(h.get(b"x-auth-api-key-name"), b"x-api-key" in h) for h in heads] == [
+        (b"_test", False)
+    ] * 11
+
+
+@pytest.mark.parametrize("auth", ["none", "api_key"])
+async def test_invoke_not_propagated_is_503_and_sends_nothing(
+    api: Client,
+    store: Store,
+    aiohttp_server: Server,
+    monkeypatch: pytest.MonkeyPatch,
+    auth: str,
+) -> None:
+    recorder = Recorder()
+    server = await aiohttp_server(recorder.app())
+    await setup_agent(api)
+    gateway = {"gateway_url": str(server.make_url("")).rstrip("/")}
+    await call(api, "PUT", "/environments/dev", gateway)
+    stuck = WorkerInfo(id="stuck", host="h", pid=1, revision=0, last_seen=time.time())
+    await store.heartbeat("dev", stuck, 30.0)
+    await deploy(api, auth, query="")
+    monkeypatch.setattr(invoke, "_PROPAGATION_S", 0.2)
+
+    status, answer = await call(api, "POST", TEST, {})
+    revision = await store.revision("dev")
+    assert (status, answer) == (
+        503,
+        {
+            "error": "not_propagated",
+            "message": f"Revision {revision} has not reached every live gateway "
+            "worker of 'dev' within 0.2 s; the test call was not sent",
+            "details": {"revision": revision, "pending": ["stuck"]},
+        },
+    )
+    assert recorder.heads == []
