@@ -312,3 +312,114 @@ async def test_invoke_not_propagated_is_503_and_sends_nothing(
         },
     )
     assert recorder.heads == []
+
+
+# --- whatever echoes the hidden key, it is redacted -----------------------------
+
+
+def _echoing_gateway(seen: list[list[tuple[bytes, bytes]]]) -> web.Application:
+    """Stands in for a gateway that passes the key on, and an agent that echoes it."""
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        seen.append(list(request.raw_headers))
+        key = request.headers.get("X-API-Key", "").encode()
+        page = request.match_info["page"]
+        if page == "binary":
+            return web.Response(body=b"\xff" + key + b"\xfe", headers=_echo(key))
+        if page == "straddle":
+            return web.Response(body=b"x" * 80 + key + b"y" * 200)
+        if page == "gzip-text":
+            return _gzipped(b"no key here")
+        echoed = json.dumps(dict(request.headers)).encode()
+        if "gzip" in request.headers.get("Accept-Encoding", ""):
+            return _gzipped(echoed)
+        return web.Response(body=echoed, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_route("*", "/shop/helper/{page}", handle)
+    return app
+
+
+def _echo(key: bytes) -> dict[str, str]:
+    return {"X-Echo": f"key={key.decode()}", "Content-Type": "application/x-raw"}
+
+
+def _gzipped(body: bytes) -> web.Response:
+    packed = gzip.compress(body, mtime=0)
+    return web.Response(body=packed, headers={"Content-Encoding": "gzip"})
+
+
+@pytest.fixture
+async def echoing(
+    api: Client, aiohttp_server: Server
+) -> list[list[tuple[bytes, bytes]]]:
+    """helper deployed with api_key, dev's gateway URL on an echoing stand-in."""
+    seen: list[list[tuple[bytes, bytes]]] = []
+    server = await aiohttp_server(_echoing_gateway(seen))
+    await setup_agent(api)
+    gateway = {"gateway_url": str(server.make_url("")).rstrip("/")}
+    await call(api, "PUT", "/environments/dev", gateway)
+    await deploy(api, "api_key", query="")
+    return seen
+
+
+async def test_invoke_hidden_key_is_redacted_from_raw_bodies_and_headers(
+    api: Client, echoing: list[list[tuple[bytes, bytes]]]
+) -> None:
+    status, answer = await call(api, "POST", TEST, {"path": "/binary"})
+
+    assert (status, answer["status"], answer["body_encoding"]) == (200, 200, "base64")
+    assert base64.b64decode(answer["body"]) == b"\xff[redacted]\xfe"
+    assert answer["headers"]["X-Echo"] == "key=[redacted]"
+    assert answer["truncated"] is False
+
+
+async def test_invoke_sends_no_headers_of_its_own(
+    api: Client, echoing: list[list[tuple[bytes, bytes]]]
+) -> None:
+    request = {"method": "POST", "path": "/echo", "headers": {"X-Trace": "t"}}
+    status, answer = await call(api, "POST", TEST, {**request, "body": "hi"})
+
+    assert (status, answer["status"]) == (200, 200)
+    assert json.loads(answer["body"])["X-API-Key"] == "[redacted]"
+    names = sorted(name.decode().lower() for name, _ in echoing[0])
+    assert names == ["content-length", "host", "x-api-key", "x-trace"]
+
+
+async def test_invoke_compressed_answer_holding_the_key_is_redacted(
+    api: Client, echoing: list[list[tuple[bytes, bytes]]]
+) -> None:
+    asked = {"path": "/echo", "headers": {"Accept-Encoding": "gzip"}}
+    status, answer = await call(api, "POST", TEST, asked)
+    assert (status, answer["body"], answer["body_encoding"]) == (
+        200,
+        "[redacted]",
+        "utf-8",
+    )
+    assert "Content-Encoding" not in answer["headers"]
+
+    # A compressed answer without the key passes as sent.
+    status, answer = await call(api, "POST", TEST, {**asked, "path": "/gzip-text"})
+    assert (status, answer["body_encoding"]) == (200, "base64")
+    assert answer["headers"]["Content-Encoding"] == "gzip"
+    assert gzip.decompress(base64.b64decode(answer["body"])) == b"no key here"
+
+
+async def test_invoke_hidden_key_across_the_read_limit_is_redacted_whole(
+    api: Client,
+    echoing: list[list[tuple[bytes, bytes]]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(invoke, "MAX_RESPONSE_BYTES", 100)
+    status, answer = await call(api, "POST", TEST, {"path": "/straddle"})
+
+    assert (status, answer["truncated"]) == (200, True)
+    assert answer["body"] == "x" * 80 + "[redacted]" + "y" * 10
+
+
+def test_invoke_scrub_cuts_a_key_the_answer_stopped_in() -> None:
+    key = "agw_" + "Q" * 43
+    body = b"a" + key.encode() + b"b" + key[:20].encode()
+
+    assert invoke._scrub({}, body, False, key) == ({}, b"a[redacted]b")
+    assert invoke._scrub({}, body, True, key) == ({}, b"a[redacted]b" + body[-20:])
