@@ -32,7 +32,7 @@ from yarl import URL
 from controlplane.apikeys import ApiKey, apikey_record, mint, replace_key
 from controlplane.changes import Plan, commit
 from controlplane.deployments import load_deployment
-from controlplane.errors import ApiError, Conflict, ValidationFailed
+from controlplane.errors import ApiError, Conflict, NotFound, ValidationFailed
 from controlplane.propagation import wait_for
 from controlplane.records import Deployment, deployment_record, read
 from controlplane.routing import Route, json_response, name_param
@@ -218,8 +218,16 @@ async def _mint(store: Store, where: tuple[str, str, str]) -> _Held:
 async def _deployed_with_keys(store: Store, env: str, project: str, agent: str) -> None:
     """Re-checked at commit time: the deployment may have changed meanwhile."""
     record, _ = await read(store, deployment_record(project, agent, env), Deployment)
-    if record is None or record.endpoint_auth.type != "api_key":
+    if record is None:
+        raise NotFound("deployment", f"{project}/{agent} in {env}")
+    if record.endpoint_auth.type == "oauth":
         raise _unavailable(project, agent, env)
+    if record.endpoint_auth.type != "api_key":
+        raise Conflict(
+            "concurrent_change",
+            f"{project}/{agent} was deployed with {record.endpoint_auth.type!r} "
+            f"in {env!r} while the test call started; retry",
+        )
 
 
 def _unavailable(project: str, agent: str, env: str) -> Conflict:

@@ -16,6 +16,7 @@ from aiohttp.test_utils import TestServer
 
 from controlplane import invoke
 from controlplane.apikeys import ApiKey, apikey_record
+from controlplane.errors import Conflict, NotFound
 from gateway.store import Store, WorkerInfo
 from tests.controlplane.conftest import Client, add_idp, call, setup_agent
 from tests.fixtures.stack import AgentProcess, GatewayFactory, free_port
@@ -23,6 +24,7 @@ from tests.fixtures.stack import AgentProcess, GatewayFactory, free_port
 TEST = "/projects/shop/agents/helper/environments/dev/test"
 DEPLOY = "/projects/shop/agents/helper/deployments"
 KEYS = "/projects/shop/agents/helper/environments/dev/api-keys"
+WHERE = ("dev", "shop", "helper")
 Server = Callable[..., Awaitable[TestServer]]
 
 
@@ -235,6 +237,49 @@ async def test_invoke_bad_request_is_422_naming_the_field(
     status, answer = await call(api, "POST", TEST, body)
     assert (status, answer["error"]) == (422, "validation_error")
     assert answer["details"]["field"].startswith(field)
+
+
+@pytest.mark.parametrize(
+    ("auth", "error"),
+    [
+        (
+            None,
+            NotFound("deployment", "shop/helper in dev"),
+        ),
+        (
+            "none",
+            Conflict(
+                "concurrent_change",
+                "shop/helper was deployed with 'none' in 'dev' while the test "
+                "call started; retry",
+            ),
+        ),
+        (
+            "oauth",
+            Conflict(
+                "test_unavailable",
+                "shop/helper uses oauth in 'dev': the control plane cannot "
+                "mint a token for it, so it cannot be tested from here",
+            ),
+        ),
+    ],
+)
+async def test_invoke_hidden_key_is_not_minted_unless_deployed_with_api_key(
+    api: Client, store: Store, auth: str | None, error: Conflict | NotFound
+) -> None:
+    await setup_agent(api)
+    await add_idp(api)
+    if auth is not None:
+        section = {"oauth": {"identity_providers": ["corp"]}} if auth == "oauth" else {}
+        body = {"environment": "dev", "endpoint_auth": {"type": auth, **section}}
+        assert (await call(api, "POST", DEPLOY, body))[0] == 201
+    revision = await store.revision("dev")
+
+    with pytest.raises(type(error)) as raised:
+        await invoke.TestKeys().key_for(store, WHERE)
+    assert (raised.value.code, raised.value.message) == (error.code, error.message)
+    assert await store.revision("dev") == revision
+    assert await store.get(apikey_record(*WHERE, invoke.HIDDEN_KEY_NAME)) is None
 
 
 class Recorder:
