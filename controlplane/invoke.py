@@ -80,10 +80,12 @@ _NO_AUTO_HEADERS = ("Accept", "Accept-Encoding", "Content-Type", "User-Agent")
 
 BodyEncoding = Literal["utf-8", "base64"]
 Method = Literal["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
-HeaderValue = Annotated[str, msgspec.Meta(pattern=r"^[^\r\n\x00]*$", max_length=8192)]
-#: An HTTP field name (an RFC 9110 token). Checked in code rather than in the
-#: schema, so that the answer can name the offending header.
+HeaderValue = Annotated[str, msgspec.Meta(max_length=8192)]
+#: An HTTP field name (an RFC 9110 token), and what no value may hold since
+#: it would end the line. Checked in code rather than in the schema, so that
+#: the answer can name the offending header.
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,256}")
+_HEADER_BREAK = re.compile(r"[\r\n\x00]")
 #: Visible ASCII only: the path is sent exactly as given.
 _PATH = re.compile(r"/[!-~]*")
 _DOT_SEGMENT = re.compile(r"(?:%2e|\.){1,2}", re.IGNORECASE)
@@ -274,9 +276,13 @@ def _check_path(path: str) -> str:
 
 
 def _check_headers(headers: dict[str, str], credential: str | None) -> None:
-    for name in headers:
+    for name, value in headers.items():
         if _HEADER_NAME.fullmatch(name) is None:
             raise ValidationFailed("$.headers", f"{name!r} is not a header name")
+        if _HEADER_BREAK.search(value) is not None:
+            raise ValidationFailed(
+                f"$.headers.{name}", "must not contain CR, LF or NUL"
+            )
         lower = name.lower()
         if lower in _RESERVED:
             raise ValidationFailed(f"$.headers.{name}", "is set by the HTTP client")

@@ -219,7 +219,9 @@ async def test_invoke_unreachable_gateway_is_502(
         ({"path": "/./a"}, "$.path"),
         ({"path": "/" + "a" * 2048}, "$.path"),
         ({"method": "TRACE"}, "$.method"),
-        ({"headers": {"X-Bad": "a\r\nInjected: 1"}}, "$.headers"),
+        ({"headers": {"X-Bad": "a\r\nInjected: 1"}}, "$.headers.X-Bad"),
+        ({"headers": {"X-Nul": "a\x00"}}, "$.headers.X-Nul"),
+        ({"headers": {"X-Long": "v" * 8193}}, "$.headers[...]"),
         ({"headers": {"Bad Name": "v"}}, "$.headers"),
         ({"headers": {"Host": "evil.example.com"}}, "$.headers.Host"),
         ({"headers": {"transfer-encoding": "chunked"}}, "$.headers.transfer-encoding"),
@@ -236,7 +238,7 @@ async def test_invoke_bad_request_is_422_naming_the_field(
 
     status, answer = await call(api, "POST", TEST, body)
     assert (status, answer["error"]) == (422, "validation_error")
-    assert answer["details"]["field"].startswith(field)
+    assert answer["details"] == {"field": field, "in": "body"}
 
 
 @pytest.mark.parametrize(
