@@ -7,8 +7,10 @@ import gzip
 import json
 import time
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 from typing import Any
 
+import aiohttp
 import msgspec
 import pytest
 from aiohttp import web
@@ -17,14 +19,22 @@ from aiohttp.test_utils import TestServer
 from controlplane import invoke
 from controlplane.apikeys import ApiKey, apikey_record
 from controlplane.errors import Conflict, NotFound
+from controlplane.propagation import wait_for
+from gateway.policy import ApiKeyPolicy, apikey_key, decode_policy, hash_api_key
 from gateway.store import Store, WorkerInfo
 from tests.controlplane.conftest import Client, add_idp, call, setup_agent
-from tests.fixtures.stack import AgentProcess, GatewayFactory, free_port
+from tests.fixtures.stack import (
+    AgentProcess,
+    GatewayFactory,
+    commit_api_key,
+    free_port,
+)
 
 TEST = "/projects/shop/agents/helper/environments/dev/test"
 DEPLOY = "/projects/shop/agents/helper/deployments"
 KEYS = "/projects/shop/agents/helper/environments/dev/api-keys"
 WHERE = ("dev", "shop", "helper")
+UNAUTHORIZED = {"error": "unauthorized", "message": "Valid API key required"}
 Server = Callable[..., Awaitable[TestServer]]
 
 
@@ -107,24 +117,50 @@ async def test_invoke_api_key_uses_a_hidden_key_reused_while_fresh(
     assert await call(live, "GET", KEYS) == (200, {"api_keys": []})
 
 
+async def _gateway_get(url: str, key: str) -> tuple[int, Any]:
+    """A request straight to the gateway with ``key``: the status and JSON body."""
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(url, headers={"X-API-Key": key}) as response,
+    ):
+        return response.status, await response.json()
+
+
+async def _hidden(store: Store) -> ApiKey:
+    raw = await store.get(apikey_record(*WHERE, invoke.HIDDEN_KEY_NAME))
+    assert raw is not None
+    return msgspec.json.decode(raw, type=ApiKey)
+
+
 async def test_invoke_replaced_hidden_key_is_minted_again(
     live: Client, store: Store
 ) -> None:
     await deploy(live, "api_key")
     assert (await call(live, "POST", TEST, {}))[1]["status"] == 200
+    keys = live.app[invoke.TEST_KEYS]
+    first = await keys.key_for(store, WHERE)
 
-    # Another control-plane process replaced it: this one's secret is stale.
-    key = apikey_record("dev", "shop", "helper", "_test")
-    record = ApiKey(
-        name="_test",
-        key_hash="0" * 64,
-        masked="****0000",
-        created_at="2001-01-01T00:00:00Z",
-        hidden=True,
-    )
-    await store.put(key, msgspec.json.encode(record))
+    # Another control-plane process mints its own: this one's is revoked.
+    other = await invoke.TestKeys().key_for(store, WHERE)
+    assert (await _hidden(store)).key_hash == other.key_hash
     status, answer = await call(live, "POST", TEST, {})
     assert (status, answer["status"]) == (200, 200)
+
+    record = await _hidden(store)
+    again = await keys.key_for(store, WHERE)
+    assert record.key_hash == again.key_hash == hash_api_key(again.key)
+    assert again.key_hash not in (first.key_hash, other.key_hash)
+    assert again.revision == other.revision + 1 == await store.revision("dev")
+    url = await gateway_url(live) + "/shop/helper/"
+    for stale in (first.key, other.key):
+        assert await _gateway_get(url, stale) == (401, UNAUTHORIZED)
+
+
+async def gateway_url(api: Client) -> str:
+    """The URL of dev's gateway, which the test call uses."""
+    status, environment = await call(api, "GET", "/environments/dev")
+    assert status == 200
+    return str(environment["gateway_url"])
 
 
 async def test_invoke_passes_status_and_binary_bodies(live: Client) -> None:
@@ -239,6 +275,53 @@ async def test_invoke_bad_request_is_422_naming_the_field(
     status, answer = await call(api, "POST", TEST, body)
     assert (status, answer["error"]) == (422, "validation_error")
     assert answer["details"] == {"field": field, "in": "body"}
+
+
+# --- the hidden key: lifetime, and never to the agent -------------------------
+
+
+async def test_invoke_hidden_key_lives_ten_minutes_and_expires_at_the_gateway(
+    live: Client, store: Store
+) -> None:
+    await deploy(live, "api_key")
+    before = time.time()
+    assert (await call(live, "POST", TEST, {}))[1]["status"] == 200
+
+    record = await _hidden(store)
+    assert record.expires_at is not None
+    expires = datetime.fromisoformat(record.expires_at).timestamp()
+    assert invoke.HIDDEN_KEY_TTL_S == 600
+    assert before + 600 - 1 <= expires <= time.time() + 600
+    snapshot = await store.snapshot("dev")
+    raw = snapshot.policies[apikey_key(record.key_hash)]
+    assert decode_policy("apikey/", raw) == ApiKeyPolicy(
+        project="shop", agent="helper", name="_test", expires_at=expires
+    )
+
+    # Ten minutes later, as the gateway sees it: the same key, expired.
+    held = await live.app[invoke.TEST_KEYS].key_for(store, WHERE)
+    past = ApiKeyPolicy(
+        project="shop", agent="helper", name="_test", expires_at=time.time() - 1
+    )
+    revision = await commit_api_key(store, "dev", held.key, past)
+    assert (await wait_for(store, "dev", revision, 10)).pending == []
+    url = await gateway_url(live) + "/shop/helper/"
+    assert await _gateway_get(url, held.key) == (401, UNAUTHORIZED)
+
+
+async def test_invoke_hidden_key_near_its_expiry_is_replaced(
+    live: Client, store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await deploy(live, "api_key")
+    assert (await call(live, "POST", TEST, {}))[1]["status"] == 200
+    first = await _hidden(store)
+
+    # Every held key now has less than the reuse margin left.
+    monkeypatch.setattr(invoke, "_REUSE_MIN_S", invoke.HIDDEN_KEY_TTL_S + 1)
+    revision = await store.revision("dev")
+    assert (await call(live, "POST", TEST, {}))[1]["status"] == 200
+    assert (await _hidden(store)).key_hash != first.key_hash
+    assert await store.revision("dev") == revision + 1
 
 
 @pytest.mark.parametrize(
