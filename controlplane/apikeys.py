@@ -61,6 +61,9 @@ _MASK = "****"
 _RFC3339 = re.compile(
     r"\d{4}-\d\d-\d\d[Tt]\d\d:\d\d:\d\d(?:\.\d{1,9})?(?:[Zz]|[+-]\d\d:\d\d)"
 )
+#: 9999-12-31T23:59:59Z: records write four-digit UTC years, so a later
+#: instant (9999-12-31T23:59:59-01:00 is one) cannot be stored.
+_LAST_EPOCH = 253402300799.0
 
 
 class ApiKey(msgspec.Struct, kw_only=True):
@@ -133,6 +136,8 @@ def parse_expiry(value: str, field: str = "$.expires_at") -> float:
     epoch = float(int(moment.timestamp()))
     if epoch <= time.time():
         raise ValidationFailed(field, "must be in the future")
+    if epoch > _LAST_EPOCH:
+        raise ValidationFailed(field, "must be no later than 9999-12-31T23:59:59Z")
     return epoch
 
 

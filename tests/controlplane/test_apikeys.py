@@ -139,6 +139,10 @@ async def test_apikeys_expiry_is_stored_in_utc_and_enforced_as_epoch(
         ("2099-13-02T03:04:05Z", "is not a valid date and time"),
         ("2099-02-30T03:04:05Z", "is not a valid date and time"),
         ("2001-01-01T00:00:00Z", "must be in the future"),
+        (
+            "9999-12-31T23:59:59-01:00",
+            "must be no later than 9999-12-31T23:59:59Z",
+        ),
     ],
 )
 async def test_apikeys_bad_expiry_is_422_naming_it(
@@ -150,6 +154,16 @@ async def test_apikeys_bad_expiry_is_422_naming_it(
         invalid("$.expires_at", reason),
     )
     assert await store.scan("api-keys/") == {}
+
+
+async def test_apikeys_expiry_may_be_the_last_second_of_9999(
+    ready: Client, store: Store
+) -> None:
+    answer = await create(ready, expires_at="9999-12-31T22:59:59.9-01:00")
+    assert answer["expires_at"] == "9999-12-31T23:59:59Z"
+    assert await policy(store, answer["key"]) == ApiKeyPolicy(
+        project="shop", agent="helper", name="ci", expires_at=253402300799.0
+    )
 
 
 async def test_apikeys_expiry_now_is_in_the_past(ready: Client) -> None:
