@@ -95,6 +95,22 @@ async def test_apikeys_create_answers_the_key_once_and_stores_its_hash(
     assert await store.revision("dev") == 1
 
 
+@pytest.mark.parametrize(("suffix", "status"), [("", 201), ("/ci/rotate", 200)])
+async def test_apikeys_answers_with_a_key_are_not_cached(
+    ready: Client, suffix: str, status: int
+) -> None:
+    body = {"name": "ci"}
+    if suffix:
+        await create(ready)
+        body = {}
+    async with ready.post("/api/v1" + KEYS + suffix, json=body) as answer:
+        assert (answer.status, answer.headers.getall("Cache-Control")) == (
+            status,
+            ["no-store"],
+        )
+        assert KEY_FORM.fullmatch((await answer.json())["key"])
+
+
 async def test_apikeys_secret_is_stored_nowhere(ready: Client, store: Store) -> None:
     key = (await create(ready))["key"]
 
