@@ -61,6 +61,9 @@ _MASK = "****"
 _RFC3339 = re.compile(
     r"\d{4}-\d\d-\d\d[Tt]\d\d:\d\d:\d\d(?:\.\d{1,9})?(?:[Zz]|[+-]\d\d:\d\d)"
 )
+#: 9999-12-31T23:59:59Z: records write four-digit UTC years, so a later
+#: instant (9999-12-31T23:59:59-01:00 is one) cannot be stored.
+_LAST_EPOCH = 253402300799.0
 
 
 class ApiKey(msgspec.Struct, kw_only=True):
@@ -133,6 +136,8 @@ def parse_expiry(value: str, field: str = "$.expires_at") -> float:
     epoch = float(int(moment.timestamp()))
     if epoch <= time.time():
         raise ValidationFailed(field, "must be in the future")
+    if epoch > _LAST_EPOCH:
+        raise ValidationFailed(field, "must be no later than 9999-12-31T23:59:59Z")
     return epoch
 
 
@@ -250,10 +255,11 @@ class _Target:
         return revision
 
 
-def _secret_view(
-    key: str, record: ApiKey, revision: int, state: Propagation
-) -> ApiKeySecretView:
-    return ApiKeySecretView(
+def _secret_response(
+    key: str, record: ApiKey, revision: int, state: Propagation, status: int
+) -> web.Response:
+    """The one answer that carries a key: no cache may keep it."""
+    view = ApiKeySecretView(
         name=record.name,
         key=key,
         masked=record.masked,
@@ -262,6 +268,9 @@ def _secret_view(
         revision=revision,
         propagation=state,
     )
+    response = json_response(view, status)
+    response.headers["Cache-Control"] = "no-store"
+    return response
 
 
 async def post_api_key(request: web.Request, body: ApiKeyBody) -> web.StreamResponse:
@@ -284,7 +293,7 @@ async def post_api_key(request: web.Request, body: ApiKeyBody) -> web.StreamResp
 
     revision = await target.commit(body.name, None, record, absent)
     state = await wait_for(target.store, target.env, revision, wait_s)
-    return json_response(_secret_view(key, record, revision, state), 201)
+    return _secret_response(key, record, revision, state, 201)
 
 
 async def list_api_keys(request: web.Request, _: None) -> web.StreamResponse:
@@ -340,7 +349,7 @@ async def rotate_api_key(request: web.Request, _: None) -> web.StreamResponse:
 
     revision = await target.commit(name, old, record, _unchanged(target, name, old))
     state = await wait_for(target.store, target.env, revision, wait_s)
-    return json_response(_secret_view(key, record, revision, state))
+    return _secret_response(key, record, revision, state, 200)
 
 
 async def delete_api_key(request: web.Request, _: None) -> web.StreamResponse:

@@ -32,7 +32,7 @@ MAX_TOKEN_CHARS = 16 * 1024
 
 
 class DiagnoseBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    """Body of ``POST …/diagnose-token``: the token alone, without its prefix."""
+    """Body of ``POST …/diagnose-token``: the token, as sent after the prefix."""
 
     token: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_TOKEN_CHARS)]
 
@@ -102,7 +102,18 @@ async def post_diagnose(request: web.Request, body: DiagnoseBody) -> web.StreamR
 
     idps = request.app[REGISTRIES].get(env)
     await _sync(request.app[STORE], env, settings, idps)
-    return json_response(await diagnose(body.token, settings, idps))
+    token = _pasted(body.token, settings.auth_header_prefix)
+    return json_response(await diagnose(token, settings, idps))
+
+
+def _pasted(token: str, prefix: str) -> str:
+    """The token as pasted, forgiving surrounding whitespace and the prefix."""
+    token = token.strip()
+    if prefix and token[: len(prefix)].lower() == prefix.lower():
+        rest = token[len(prefix) :]
+        if rest[:1].isspace():
+            return rest.strip()
+    return token
 
 
 async def _registries(app: web.Application) -> AsyncIterator[None]:

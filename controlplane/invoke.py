@@ -5,6 +5,11 @@ key of its own per agent and environment. It is committed like any key (so
 the gateway enforces it as usual), never listed and never answered; its
 secret lives only in this process's memory, and is reused while fresh so
 that repeated test calls do not spend a revision each.
+
+The key is sent only once every live gateway worker enforces the deployment
+the call read (its ``api_key`` route strips the key before the agent), and
+whatever the answer echoes of it is redacted, in any header and in the raw
+body, before the answer is encoded.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import asyncio
 import base64
 import re
 import time
+import zlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
@@ -26,7 +32,7 @@ from yarl import URL
 from controlplane.apikeys import ApiKey, apikey_record, mint, replace_key
 from controlplane.changes import Plan, commit
 from controlplane.deployments import load_deployment
-from controlplane.errors import ApiError, Conflict, ValidationFailed
+from controlplane.errors import ApiError, Conflict, NotFound, ValidationFailed
 from controlplane.propagation import wait_for
 from controlplane.records import Deployment, deployment_record, read
 from controlplane.routing import Route, json_response, name_param
@@ -39,6 +45,7 @@ __all__ = [
     "MAX_RESPONSE_BYTES",
     "GatewayTimeout",
     "GatewayUnreachable",
+    "NotPropagated",
     "TestBody",
     "TestKeys",
     "TestView",
@@ -57,13 +64,28 @@ _PROPAGATION_S = 5.0
 #: The whole test call, from connecting to the last byte read.
 TIMEOUT_S = 30.0
 MAX_RESPONSE_BYTES = 1 << 20
+#: What the hidden key is replaced with wherever an answer carries it.
+REDACTED = "[redacted]"
+#: Content codings decoded to look for the key in a compressed answer; zlib
+#: reads either header (gzip, or zlib's own for deflate) with these bits.
+_ZLIB_CODINGS = frozenset({"gzip", "x-gzip", "deflate"})
+_ZLIB_ANY_HEADER = 32 + zlib.MAX_WBITS
+#: How much of a compressed answer is decoded at most (on the event loop,
+#: some 20 ms at worst); one that decodes to more is withheld, since the key
+#: could hide past the limit.
+_DECODE_LIMIT = 4 * MAX_RESPONSE_BYTES
+#: Headers the HTTP client would add of its own: the request goes as given,
+#: and without an Accept-Encoding of ours no agent is asked to compress.
+_NO_AUTO_HEADERS = ("Accept", "Accept-Encoding", "Content-Type", "User-Agent")
 
 BodyEncoding = Literal["utf-8", "base64"]
 Method = Literal["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
-HeaderValue = Annotated[str, msgspec.Meta(pattern=r"^[^\r\n\x00]*$", max_length=8192)]
-#: An HTTP field name (an RFC 9110 token). Checked in code rather than in the
-#: schema, so that the answer can name the offending header.
+HeaderValue = Annotated[str, msgspec.Meta(max_length=8192)]
+#: An HTTP field name (an RFC 9110 token), and what no value may hold since
+#: it would end the line. Checked in code rather than in the schema, so that
+#: the answer can name the offending header.
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,256}")
+_HEADER_BREAK = re.compile(r"[\r\n\x00]")
 #: Visible ASCII only: the path is sent exactly as given.
 _PATH = re.compile(r"/[!-~]*")
 _DOT_SEGMENT = re.compile(r"(?:%2e|\.){1,2}", re.IGNORECASE)
@@ -102,7 +124,9 @@ class TestView(msgspec.Struct, kw_only=True):
     ``body`` is text when the answer is UTF-8, otherwise base64
     (``body_encoding`` says which); ``truncated`` when it was longer than
     the call reads, or still streaming at the deadline. Repeated headers are
-    joined with ``, ``.
+    joined with ``, ``. The hidden key of an ``api_key`` test is replaced by
+    ``[redacted]`` wherever it appears; a compressed body that holds it, or
+    is too large to check, is replaced by ``[redacted]`` as a whole.
     """
 
     __test__ = False
@@ -126,6 +150,13 @@ class GatewayTimeout(ApiError):
 
     status = 504
     code = "gateway_timeout"
+
+
+class NotPropagated(ApiError):
+    """Some live gateway worker does not enforce the deployment yet."""
+
+    status = 503
+    code = "not_propagated"
 
 
 # --- the hidden key ---------------------------------------------------------
@@ -189,8 +220,16 @@ async def _mint(store: Store, where: tuple[str, str, str]) -> _Held:
 async def _deployed_with_keys(store: Store, env: str, project: str, agent: str) -> None:
     """Re-checked at commit time: the deployment may have changed meanwhile."""
     record, _ = await read(store, deployment_record(project, agent, env), Deployment)
-    if record is None or record.endpoint_auth.type != "api_key":
+    if record is None:
+        raise NotFound("deployment", f"{project}/{agent} in {env}")
+    if record.endpoint_auth.type == "oauth":
         raise _unavailable(project, agent, env)
+    if record.endpoint_auth.type != "api_key":
+        raise Conflict(
+            "concurrent_change",
+            f"{project}/{agent} was deployed with {record.endpoint_auth.type!r} "
+            f"in {env!r} while the test call started; retry",
+        )
 
 
 def _unavailable(project: str, agent: str, env: str) -> Conflict:
@@ -199,6 +238,24 @@ def _unavailable(project: str, agent: str, env: str) -> Conflict:
         f"{project}/{agent} uses oauth in {env!r}: the control plane cannot "
         "mint a token for it, so it cannot be tested from here",
     )
+
+
+async def _enforced(store: Store, env: str, revision: int) -> None:
+    """Return once every live worker has applied ``revision``; 503 if not in time.
+
+    A worker still at an older revision may serve the agent's previous route,
+    one without ``api_key``, which would pass the hidden key to the agent.
+    A deployment committed after the call read its own is not waited for:
+    that window is as short as the request's flight, and closing it would
+    need the gateway to strip the key on every route.
+    """
+    state = await wait_for(store, env, revision, _PROPAGATION_S)
+    if state.pending:
+        raise NotPropagated(
+            f"Revision {revision} has not reached every live gateway worker of "
+            f"{env!r} within {_PROPAGATION_S:g} s; the test call was not sent",
+            {"revision": revision, "pending": state.pending},
+        )
 
 
 # --- checking the request ---------------------------------------------------
@@ -219,9 +276,13 @@ def _check_path(path: str) -> str:
 
 
 def _check_headers(headers: dict[str, str], credential: str | None) -> None:
-    for name in headers:
+    for name, value in headers.items():
         if _HEADER_NAME.fullmatch(name) is None:
             raise ValidationFailed("$.headers", f"{name!r} is not a header name")
+        if _HEADER_BREAK.search(value) is not None:
+            raise ValidationFailed(
+                f"$.headers.{name}", "must not contain CR, LF or NUL"
+            )
         lower = name.lower()
         if lower in _RESERVED:
             raise ValidationFailed(f"$.headers.{name}", "is set by the HTTP client")
@@ -248,12 +309,31 @@ def _outgoing(body: TestBody, gateway_url: str, project: str, agent: str) -> _Ou
     return _Outgoing(body.method, url, CIMultiDict(body.headers), data)
 
 
-async def _send(session: aiohttp.ClientSession, out: _Outgoing) -> TestView:
+async def _send(
+    session: aiohttp.ClientSession, out: _Outgoing, secret: str | None
+) -> TestView:
+    """Send ``out``; the answer, with ``secret`` redacted from it if given."""
     deadline = asyncio.get_running_loop().time() + TIMEOUT_S
+    response = await _request(session, out, deadline)
+
+    # Read past the limit by one key's length, so that a key straddling it
+    # is still whole when it is redacted.
+    limit = MAX_RESPONSE_BYTES + 1 + (len(secret) if secret else 0)
+    async with response:
+        body, ended = await _read(response, deadline, limit)
+    headers = _joined(response)
+    if secret is not None:
+        headers, body = _scrub(headers, body, ended, secret)
+    return _view(response.status, headers, body, ended)
+
+
+async def _request(
+    session: aiohttp.ClientSession, out: _Outgoing, deadline: float
+) -> aiohttp.ClientResponse:
     origin = out.url.origin()
     try:
         async with asyncio.timeout_at(deadline):
-            response = await session.request(
+            return await session.request(
                 out.method,
                 out.url,
                 headers=out.headers,
@@ -269,39 +349,41 @@ async def _send(session: aiohttp.ClientSession, out: _Outgoing) -> TestView:
             f"The gateway at {origin} cannot be reached: {type(error).__name__}"
         ) from None
 
-    async with response:
-        return await _read(response, deadline)
 
-
-async def _read(response: aiohttp.ClientResponse, deadline: float) -> TestView:
-    body, truncated = bytearray(), False
+async def _read(
+    response: aiohttp.ClientResponse, deadline: float, limit: int
+) -> tuple[bytes, bool]:
+    """At most ``limit`` bytes of the body, and whether it ended within them."""
+    body = bytearray()
     try:
         async with asyncio.timeout_at(deadline):
-            while len(body) <= MAX_RESPONSE_BYTES:
-                chunk = await response.content.read(MAX_RESPONSE_BYTES + 1 - len(body))
+            while len(body) < limit:
+                chunk = await response.content.read(limit - len(body))
                 if not chunk:
-                    break
+                    return bytes(body), True
                 body += chunk
     except (TimeoutError, aiohttp.ClientError):
-        truncated = True  # still streaming at the deadline, or cut short
-
-    if len(body) > MAX_RESPONSE_BYTES:
-        del body[MAX_RESPONSE_BYTES:]
-        truncated = True
-    return _view(response, bytes(body), truncated)
+        pass  # still streaming at the deadline, or cut short
+    return bytes(body), False
 
 
-def _view(response: aiohttp.ClientResponse, body: bytes, truncated: bool) -> TestView:
+def _joined(response: aiohttp.ClientResponse) -> dict[str, str]:
     headers: dict[str, str] = {}
     for name, value in response.headers.items():
         headers[name] = f"{headers[name]}, {value}" if name in headers else value
+    return headers
+
+
+def _view(status: int, headers: dict[str, str], body: bytes, ended: bool) -> TestView:
+    truncated = not ended or len(body) > MAX_RESPONSE_BYTES
+    body = body[:MAX_RESPONSE_BYTES]
     try:
         encoding: BodyEncoding = "utf-8"
         text = body.decode("utf-8")
     except UnicodeDecodeError:
         text, encoding = base64.b64encode(body).decode(), "base64"
     return TestView(
-        status=response.status,
+        status=status,
         headers=headers,
         body=text,
         body_encoding=encoding,
@@ -309,15 +391,51 @@ def _view(response: aiohttp.ClientResponse, body: bytes, truncated: bool) -> Tes
     )
 
 
-def _scrub(view: TestView, header: str, key: str) -> TestView:
-    """The hidden key never leaves this process, even if something echoed it."""
-    headers = {
-        name: value
-        for name, value in view.headers.items()
-        if name.lower() != header.lower() and key not in value
-    }
-    body = view.body.replace(key, "[redacted]")
-    return msgspec.structs.replace(view, headers=headers, body=body)
+# --- keeping the hidden key in ----------------------------------------------
+
+
+def _scrub(
+    headers: dict[str, str], body: bytes, ended: bool, secret: str
+) -> tuple[dict[str, str], bytes]:
+    """The hidden key never leaves this process, even if something echoed it.
+
+    Done on the raw bytes, before they are decoded or cut to the limit.
+    """
+    kept = {name: value.replace(secret, REDACTED) for name, value in headers.items()}
+    coding = headers.get("Content-Encoding", "identity").strip().lower()
+    if _compressed_holds(body, coding, secret.encode()):
+        kept.pop("Content-Encoding", None)
+        kept.pop("Content-Length", None)
+        return kept, REDACTED.encode()
+
+    body = body.replace(secret.encode(), REDACTED.encode())
+    return kept, body if ended else _cut_partial(body, secret.encode())
+
+
+def _cut_partial(body: bytes, secret: bytes) -> bytes:
+    """Without a trailing start of the key: the rest of it never arrived."""
+    for size in range(min(len(secret) - 1, len(body)), 0, -1):
+        if body.endswith(secret[:size]):
+            return body[:-size]
+    return body
+
+
+def _compressed_holds(body: bytes, coding: str, secret: bytes) -> bool:
+    """Whether a compressed body holds the key, or cannot be shown not to.
+
+    Only gzip and deflate are decoded. A caller who asks for another coding
+    (the control plane asks for none of its own) gets it as sent: checking
+    brotli or zstd would need a decoder for each.
+    """
+    if coding not in _ZLIB_CODINGS:
+        return False
+    decoder = zlib.decompressobj(_ZLIB_ANY_HEADER)
+    try:
+        decoded = decoder.decompress(body, _DECODE_LIMIT)
+    except zlib.error:
+        return True
+    too_much = bool(decoder.unconsumed_tail or decoder.unused_data)
+    return too_much or secret in decoded
 
 
 # --- the handler ------------------------------------------------------------
@@ -338,21 +456,24 @@ async def post_test(request: web.Request, body: TestBody) -> web.StreamResponse:
     _check_path(body.path)
     _check_headers(body.headers, header)
     out = _outgoing(body, environment.gateway_url, project, agent)
+    store, session = request.app[STORE], request.app[TEST_CLIENT]
     if header is None:
-        return json_response(await _send(request.app[TEST_CLIENT], out))
+        await _enforced(store, env, deployment.revision)
+        return json_response(await _send(session, out, None))
 
-    store = request.app[STORE]
     held = await request.app[TEST_KEYS].key_for(store, (env, project, agent))
-    await wait_for(store, env, held.revision, _PROPAGATION_S)
+    await _enforced(store, env, max(held.revision, deployment.revision))
     out.headers[header] = held.key
-    view = await _send(request.app[TEST_CLIENT], out)
-    return json_response(_scrub(view, header, held.key))
+    return json_response(await _send(session, out, held.key))
 
 
 async def _client(app: web.Application) -> AsyncIterator[None]:
-    # Its own session: no cookies kept between test calls, bodies untouched.
+    # Its own session: no cookies kept between test calls, bodies untouched,
+    # no headers of its own beyond those HTTP needs (Host, Content-Length).
     async with aiohttp.ClientSession(
-        cookie_jar=aiohttp.DummyCookieJar(), auto_decompress=False
+        cookie_jar=aiohttp.DummyCookieJar(),
+        auto_decompress=False,
+        skip_auto_headers=_NO_AUTO_HEADERS,
     ) as session:
         app[TEST_CLIENT] = session
         yield

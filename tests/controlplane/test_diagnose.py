@@ -202,6 +202,42 @@ async def test_diagnose_valid_local_token(deployed: Client) -> None:
     )
 
 
+@pytest.mark.parametrize(
+    "pasted",
+    ["{}\n", "{}\r\n", " \t{}  ", "Bearer {}", "bearer\t{}\n", "BEARER   {}"],
+)
+async def test_diagnose_pasted_line_end_or_prefix_is_forgiven(
+    deployed: Client, pasted: str
+) -> None:
+    body = {"token": pasted.format(_local())}
+    status, answer = await call(deployed, "POST", DIAGNOSE, body)
+    assert status == 200
+    assert (answer["valid"], answer["failed_check"], answer["subject"]) == (
+        True,
+        None,
+        "client-1",
+    )
+
+
+@pytest.mark.parametrize(
+    ("pasted", "reason"),
+    [
+        ("Bearer{}", "token header is not JSON"),
+        ("Basic {}", "token header is not base64url"),
+    ],
+)
+async def test_diagnose_other_text_before_the_token_is_a_format_failure(
+    deployed: Client, pasted: str, reason: str
+) -> None:
+    body = {"token": pasted.format(_local())}
+    status, answer = await call(deployed, "POST", DIAGNOSE, body)
+    assert (status, answer["failed_check"], answer["reason"]) == (
+        200,
+        "format",
+        reason,
+    )
+
+
 async def test_diagnose_never_logs_the_token(
     deployed: Client, caplog: pytest.LogCaptureFixture
 ) -> None:

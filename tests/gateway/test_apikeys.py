@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator
 
@@ -12,7 +13,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.apikeys import ApiKeyAuthenticator, ApiKeyTable
 from gateway.auth import AuthFailure
-from gateway.policy import ApiKeyPolicy, ApiKeySettings, hash_api_key
+from gateway.policy import ApiKeyPolicy, ApiKeySettings, EndpointAuth, hash_api_key
 from gateway.store import Store, open_store
 from tests.fixtures.stack import (
     API_KEY_AUTH,
@@ -69,19 +70,25 @@ async def test_apikey_wrong_keys_are_401(value: str) -> None:
     )
 
 
+def _answer(failure: AuthFailure) -> tuple[int, dict[str, str], dict[str, str]]:
+    body = {"error": failure.error, "message": failure.message}
+    return failure.status, body, failure.headers
+
+
 async def test_apikey_missing_header_is_401() -> None:
     with pytest.raises(AuthFailure) as failure:
         await _auth(_table()).authenticate(_headers(("Authorization", KEY)))
-    assert failure.value.status == 401
+    assert _answer(failure.value) == (401, UNAUTHORIZED, {})
 
 
 async def test_apikey_sent_twice_is_400() -> None:
     headers = _headers(("X-API-Key", KEY), ("x-api-key", KEY))
     with pytest.raises(AuthFailure) as failure:
         await _auth(_table()).authenticate(headers)
-    assert (failure.value.status, failure.value.message) == (
+    assert _answer(failure.value) == (
         400,
-        "Send exactly one X-API-Key header",
+        {"error": "bad_request", "message": "Send exactly one X-API-Key header"},
+        {},
     )
 
 
@@ -98,7 +105,7 @@ async def test_apikey_expired_or_other_agents_key_is_401(
 ) -> None:
     with pytest.raises(AuthFailure) as failure:
         await _auth(_table(**overrides)).authenticate(_headers(("X-API-Key", KEY)))
-    assert failure.value.status == 401
+    assert _answer(failure.value) == (401, UNAUTHORIZED, {})
 
 
 async def test_apikey_future_expiry_is_accepted_and_revocation_applies() -> None:
@@ -171,32 +178,115 @@ async def test_apikey_gateway_forwards_name_and_strips_key(
     assert not any(name == "x-api-key" for name, _ in seen)
 
 
+TWICE = {"error": "bad_request", "message": "Send exactly one X-API-Key header"}
+
+
 @pytest.mark.parametrize(
-    ("path", "headers", "status"),
+    ("path", "headers", "answer"),
     [
-        ("/p/a/x", [("X-API-Key", KEY[:-1] + "l")], 401),
-        ("/p/a/x", [("X-API-Key", "")], 401),
-        ("/p/a/x", [("X-API-Key", "k" * 15000)], 401),
-        ("/p/a/x", [], 401),
-        ("/p/a/x", [("X-API-Key", KEY), ("X-API-Key", KEY)], 400),
-        ("/p/b/x", [("X-API-Key", KEY)], 401),
+        ("/p/a/x", [("X-API-Key", KEY[:-1] + "l")], (401, UNAUTHORIZED)),
+        ("/p/a/x", [("X-API-Key", "")], (401, UNAUTHORIZED)),
+        ("/p/a/x", [("X-API-Key", "k" * 15000)], (401, UNAUTHORIZED)),
+        ("/p/a/x", [], (401, UNAUTHORIZED)),
+        ("/p/a/x", [("X-API-Key", KEY), ("X-API-Key", KEY)], (400, TWICE)),
+        ("/p/b/x", [("X-API-Key", KEY)], (401, UNAUTHORIZED)),
     ],
 )
 async def test_apikey_gateway_refuses_bad_keys(
     gateway: GatewayProcess,
     path: str,
     headers: list[tuple[str, str]],
-    status: int,
+    answer: tuple[int, dict[str, str]],
 ) -> None:
     async with (
         aiohttp.ClientSession() as http,
         http.get(gateway.url + path, headers=CIMultiDict(headers)) as response,
     ):
-        assert response.status == status
-        body = await response.json()
+        assert (response.status, await response.json()) == answer
 
-    if status == 401:
-        assert body == UNAUTHORIZED
+
+async def _raw_get(gateway: GatewayProcess, header_lines: bytes) -> bytes:
+    """One request with these header lines as sent on the wire; the whole answer."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+    writer.write(
+        b"GET /p/a/x HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n"
+        + header_lines
+        + b"\r\n"
+    )
+    await writer.drain()
+    answer = await reader.read()
+    writer.close()
+    await writer.wait_closed()
+    return answer
+
+
+async def test_apikey_gateway_key_over_16_kib_is_431_without_echo(
+    gateway: GatewayProcess,
+) -> None:
+    long_key = KEY + "k" * (16 * 1024)
+    answer = await _raw_get(gateway, f"X-API-Key: {long_key}\r\n".encode())
+
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.split(b" ", 2)[1] == b"431"
+    assert json.loads(body) == {
+        "error": "header_too_large",
+        "message": "A request header line is longer than the gateway accepts",
+    }
+    assert b"kkkk" not in answer
+
+    # The worker goes on serving.
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(f"{gateway.url}/p/a/x", headers={"X-API-Key": KEY}) as response,
+    ):
+        assert response.status == 200
+
+
+async def test_apikey_gateway_accepts_a_key_with_surrounding_whitespace(
+    gateway: GatewayProcess,
+) -> None:
+    # HTTP strips optional whitespace around a field value: the key is intact.
+    answer = await _raw_get(gateway, f"X-API-Key: \t {KEY} \t\r\n".encode())
+
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.split(b"\r\n")[0] == b"HTTP/1.1 200 OK"
+    seen = [(k.lower(), v) for k, v in json.loads(body)["headers"]]
+    assert ("x-auth-api-key-name", "ci") in seen
+    assert not any(name == "x-api-key" for name, _ in seen)
+
+
+async def test_apikey_gateway_custom_header_on_redeploy(
+    gateway: GatewayProcess,
+    redis_store: Store,
+    environment: str,
+    upstream_agent: AgentProcess,
+) -> None:
+    custom = EndpointAuth(
+        type="api_key", api_key=ApiKeySettings(header_name="X-Agent-Key")
+    )
+    await commit_agent(
+        redis_store, environment, "p", "a", upstream_agent.url, auth=custom
+    )
+
+    async with aiohttp.ClientSession() as http:
+        for _ in range(100):
+            async with http.get(
+                f"{gateway.url}/p/a/x", headers={"X-API-Key": KEY}
+            ) as response:
+                if response.status == 401:
+                    assert await response.json() == UNAUTHORIZED
+                    break
+            await asyncio.sleep(0.01)
+        else:
+            raise AssertionError("the old header still accepted after 1 s")
+
+        async with http.get(
+            f"{gateway.url}/p/a/x", headers={"X-Agent-Key": KEY}
+        ) as response:
+            assert response.status == 200
+            seen = [(k.lower(), v) for k, v in (await response.json())["headers"]]
+    assert ("x-auth-api-key-name", "ci") in seen
+    assert not any(name == "x-agent-key" for name, _ in seen)
 
 
 async def test_apikey_gateway_revocation_takes_effect(
