@@ -643,6 +643,26 @@ def test_cache_bounded_in_entries() -> None:
     assert cache.get("t0") is None and cache.get("t4") is not None
 
 
+def test_cache_evicts_oldest_first_and_keeps_its_byte_count() -> None:
+    from gateway.oauth import TokenCache
+
+    cache = TokenCache(max_entries=3)
+    for i in range(1000):
+        cache.put(f"t{i:04d}", object())  # type: ignore[arg-type]
+    cache.put("t0998", object())  # type: ignore[arg-type]  # already in: kept
+
+    assert [cache.get(f"t{i:04d}") is not None for i in range(996, 1000)] == [
+        False,
+        True,
+        True,
+        True,
+    ]
+    cache.discard("t0999")
+    cache.discard("t0999")
+    assert len(cache) == 2
+    assert cache._bytes == 2 * (5 + TokenCache.ENTRY_OVERHEAD)
+
+
 def test_cache_bounded_in_bytes() -> None:
     from gateway.oauth import TokenCache
 
