@@ -143,12 +143,16 @@ def _expects_continue(request: web.BaseRequest) -> bool:
 class Proxy:
     """Forwards requests to their agents over one connection pool per worker."""
 
+    _loop: asyncio.AbstractEventLoop  # set by start()
+
     def __init__(self, table: PolicyTable, *, connection_limit: int = 0) -> None:
         self._table = table
         self._pool = UpstreamPool(connection_limit=connection_limit)
 
     async def start(self) -> None:
-        """Nothing to prepare: connections are opened as requests need them."""
+        """Take the loop; connections are opened as requests need them."""
+        # Held, not asked for per request: that costs a getpid() system call.
+        self._loop = asyncio.get_running_loop()
 
     async def close(self) -> None:
         await self._pool.close()
@@ -199,7 +203,7 @@ class Proxy:
         body = None
         if request.body_exists:
             body = request.content.readany
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         started = loop.time()
         try:
             upstream = await self._pool.request(
@@ -227,7 +231,10 @@ class Proxy:
         self, request: web.BaseRequest, upstream: UpstreamResponse, silence_s: float
     ) -> web.StreamResponse:
         """Stream the upstream response to the caller as it arrives."""
-        response = web.StreamResponse(
+        # When body bytes came with the head, the head waits for them and
+        # both leave in one write; otherwise the caller sees the head now.
+        kind = _Coalesced if upstream.readable else web.StreamResponse
+        response = kind(
             status=upstream.status,
             reason=upstream.reason.decode("latin-1") or None,
             headers=_response_headers(upstream.headers),
@@ -254,6 +261,13 @@ class Proxy:
             upstream.close()
             raise
         return response
+
+
+class _Coalesced(web.StreamResponse):
+    """A response whose head is sent with the first body bytes (or its end)."""
+
+    # aiohttp's own web.Response sets this; a streamed response may too.
+    _send_headers_immediately = False
 
 
 def _abort(request: web.BaseRequest) -> None:

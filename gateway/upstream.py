@@ -306,6 +306,12 @@ class UpstreamResponse:
         """Nothing more will arrive: what is buffered is the rest of the body."""
         return self._conn.done and self._conn.error is None
 
+    @property
+    def readable(self) -> bool:
+        """A read would answer at once: body, its end or an error is in."""
+        conn = self._conn
+        return bool(conn.chunks) or conn.done or conn.error is not None
+
     async def read(self, silence_s: float) -> bytes:
         """The body received since the last read; ``b""`` at its end.
 
@@ -355,6 +361,7 @@ class UpstreamPool:
         self._all: set[_Connection] = set()
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._ssl: ssl.SSLContext | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def request(
         self,
@@ -373,7 +380,10 @@ class UpstreamPool:
         chunked when ``length`` is None. Connect and response headers must
         come within ``timeout_s`` seconds.
         """
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        if loop is None:
+            # Once: asyncio.get_running_loop() costs a getpid() system call.
+            loop = self._loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         conn = await self._acquire(origin, deadline, fresh=False)
         try:

@@ -182,6 +182,22 @@ async def test_proxy_streams_sse_events_as_they_arrive(
         assert second == b"data: second\n\n"
 
 
+async def test_proxy_sends_the_response_head_before_any_body_arrives(
+    gateway: GatewayProcess,
+    upstream_agent: AgentProcess,
+    http: aiohttp.ClientSession,
+) -> None:
+    # The agent holds its body back until released: the caller must have
+    # the status and headers meanwhile, as an SSE client expects.
+    request = http.get(f"{gateway.url}/p/a/held/g2")
+    async with await asyncio.wait_for(request, 10) as response:
+        assert response.status == 200
+        assert response.headers["Content-Type"] == "text/event-stream"
+        async with http.get(f"{upstream_agent.url}/_release/g2") as release:
+            assert release.status == 200
+        assert await response.read() == b"data: late\n\n"
+
+
 async def test_proxy_streams_request_body_both_ways(
     gateway: GatewayProcess, http: aiohttp.ClientSession
 ) -> None:
