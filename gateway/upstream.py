@@ -131,8 +131,9 @@ class _Connection(asyncio.Protocol):
                 self._fail(_DeadConnection("pooled connection was closed"))
             else:
                 self._fail(UpstreamError("connection closed before a response"))
-        elif not self.framed:
-            # Read-until-close framing: the close is the end of the body.
+        elif not self.framed and exc is None:
+            # Read-until-close framing: a clean close is the end of the body;
+            # a reset is not, and must not pass for one.
             self.done = True
             self._wake()
         else:

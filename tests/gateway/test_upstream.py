@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
@@ -514,6 +515,29 @@ async def test_upstream_closing_mid_body_is_an_error_never_a_short_body(
             received += await response.read(5)
     assert type(caught.value) is UpstreamError
     assert received == b"hello"
+
+
+async def test_upstream_reset_during_close_delimited_body_is_an_error(
+    pool: UpstreamPool, serve: Callable[..., Awaitable[Upstream]]
+) -> None:
+    sent = asyncio.Event()
+
+    async def handler(peer: Peer) -> None:
+        await peer.head()
+        await peer.send(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\npart")
+        await sent.wait()
+        # Linger 0: the close is a reset (RST), not an end of stream (FIN).
+        sock = peer.writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        peer.writer.transport.abort()
+
+    upstream = await serve(handler)
+    response = await get(pool, upstream)
+    assert await response.read(5) == b"part"
+    sent.set()
+    with pytest.raises(UpstreamError) as caught:
+        await response.read(5)
+    assert type(caught.value) is UpstreamError
 
 
 # -- streaming and flow control --------------------------------------------------
