@@ -5,7 +5,8 @@ most of a request's CPU. This one does only what a proxy needs: it sends a
 request head the caller serialized once, streams the request body, parses
 the response with llhttp (``httptools``) and hands the body on as it arrives,
 pausing the agent's socket while the caller is slow. A connection goes back
-to its pool only after a complete response whose framing allows reuse.
+to its pool only after a complete response whose framing allows reuse, and
+only if not one byte came after that response.
 """
 
 from __future__ import annotations
@@ -47,6 +48,10 @@ class UpstreamTimeout(UpstreamError):
 
 class _DeadConnection(UpstreamError):
     """A pooled connection closed before any byte of its response arrived."""
+
+
+class _StrayMessage(Exception):
+    """A second message began after the response: the parse stops there."""
 
 
 class Origin:
@@ -108,12 +113,24 @@ class _Connection(asyncio.Protocol):
             # Bytes on an idle connection: it can no longer be trusted.
             self.close()
             return
+        if self.done:
+            # Bytes beyond the end of the response: the response stands, but
+            # the stream is out of step and the connection is never reused.
+            self.keep_alive = False
+            return
         self.any_bytes = True
+        self._feed(data)
+
+    def _feed(self, data: bytes) -> None:
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError:
-            self._fail(UpstreamError("malformed response"))
-            self.close()
+            if self.done:
+                # What follows a complete response (see on_message_begin).
+                self.keep_alive = False
+            else:
+                self._fail(UpstreamError("malformed response"))
+                self.close()
         if self.stale_parser:
             # A HEAD answer ends with its headers, whatever they announce.
             self.parser = httptools.HttpResponseParser(self)
@@ -149,11 +166,21 @@ class _Connection(asyncio.Protocol):
 
     # --- httptools callbacks --------------------------------------------------
 
+    def on_message_begin(self) -> None:
+        if self.done:
+            # A second response in the same read as the end of the first:
+            # none was asked for, so nothing of it may reach the caller.
+            raise _StrayMessage
+
     def on_status(self, status: bytes) -> None:
         self.reason += status
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name, value))
+        # Fields after the head are trailers of a chunked body: dropped, as
+        # the gateway does not forward trailers, and the caller's head holds
+        # the list that was complete at on_headers_complete.
+        if self.response is None:
+            self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()

@@ -129,6 +129,23 @@ def answering(*answers: bytes) -> Handler:
     return handler
 
 
+REUSED = b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nreused"
+
+
+def in_turn(*answers: bytes) -> Handler:
+    """Connection n answers its first request with ``answers[n]``, later ones
+    with ``REUSED``."""
+    left = list(answers)
+
+    async def handler(peer: Peer) -> None:
+        answer = left.pop(0)
+        while await peer.head():
+            await peer.send(answer)
+            answer = REUSED
+
+    return handler
+
+
 async def get(
     pool: UpstreamPool, upstream: Upstream, head: bytes = GET, timeout_s: float = 5
 ) -> UpstreamResponse:
@@ -275,6 +292,66 @@ async def test_upstream_response_split_at_every_byte_boundary(cut: int) -> None:
     assert await body_of(response) == b"data: first\n\ndata: second\n\n"
     assert transport.written == GET
     assert conn.reusable()
+
+
+async def test_upstream_trailers_never_reach_the_response_headers(
+    pool: UpstreamPool, serve: Callable[..., Awaitable[Upstream]]
+) -> None:
+    answer = (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"2\r\nok\r\n0\r\nContent-Type: text/evil\r\nSet-Cookie: x=1\r\n\r\n"
+    )
+    upstream = await serve(answering(answer, answer))
+
+    for _ in range(2):
+        response = await get(pool, upstream)
+        assert await body_of(response) == b"ok"
+        assert response.headers == [(b"Transfer-Encoding", b"chunked")]
+
+    assert len(upstream.peers) == 1
+
+
+OK_2 = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+STRAY = [
+    b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nSet-Cookie: x=1\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nX: 1\r\n",
+    b"xyz",
+]
+
+
+@pytest.mark.parametrize("stray", STRAY, ids=["response", "half-head", "garbage"])
+@pytest.mark.parametrize("same_read", [True, False], ids=["same-read", "later-read"])
+async def test_upstream_bytes_after_the_response_are_ignored_and_never_pooled(
+    stray: bytes, same_read: bool
+) -> None:
+    pool = UpstreamPool()
+    conn = _Connection(pool, ("http", "agent", 80))
+    conn.connection_made(FakeTransport())  # type: ignore[arg-type]
+    head = conn.begin(GET, head_only=False)
+
+    if same_read:
+        conn.data_received(OK_2 + stray)
+    else:
+        conn.data_received(OK_2)
+        conn.data_received(stray)
+
+    response = head.result()
+    assert response.headers == [(b"Content-Length", b"2")]
+    assert await body_of(response) == b"ok"
+    assert not conn.reusable()
+    assert conn.closed
+
+
+@pytest.mark.parametrize("stray", STRAY, ids=["response", "half-head", "garbage"])
+async def test_upstream_stray_bytes_do_not_fail_the_next_request(
+    pool: UpstreamPool, serve: Callable[..., Awaitable[Upstream]], stray: bytes
+) -> None:
+    hello = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
+    upstream = await serve(in_turn(OK_2 + stray, hello))
+
+    assert await body_of(await get(pool, upstream)) == b"ok"
+    assert await body_of(await get(pool, upstream)) == b"hello"
+    assert len(upstream.peers) == 2
 
 
 # -- responses without a body ----------------------------------------------------
