@@ -20,6 +20,7 @@ from typing import Any, cast
 import httptools
 
 __all__ = [
+    "MAX_HEAD_SIZE",
     "BodyReader",
     "Origin",
     "UpstreamError",
@@ -36,6 +37,11 @@ BodyReader = Callable[[], Awaitable[bytes]]
 _HIGH_WATER = 256 * 1024
 
 _NO_BODY_STATUS = frozenset({204, 304})
+
+# The most an agent may send before its response head is complete (status
+# line, header lines, and any interim 1xx answers before it). Without a cap,
+# an endless header line would grow the worker's memory until the timeout.
+MAX_HEAD_SIZE = 64 * 1024
 
 
 class UpstreamError(Exception):
@@ -90,6 +96,7 @@ class _Connection(asyncio.Protocol):
         self.headers: list[tuple[bytes, bytes]] = []
         self.reason = b""
         self.any_bytes = False
+        self.head_size = 0
         self.framed = False
         self.done = False
         self.keep_alive = False
@@ -113,15 +120,34 @@ class _Connection(asyncio.Protocol):
             # Bytes on an idle connection: it can no longer be trusted.
             self.close()
             return
+        self._receive(data)
+
+    def _receive(self, data: bytes | memoryview) -> None:
         if self.done:
             # Bytes beyond the end of the response: the response stands, but
             # the stream is out of step and the connection is never reused.
             self.keep_alive = False
             return
         self.any_bytes = True
+        if self.response is None and self.head_size + len(data) > MAX_HEAD_SIZE:
+            self._feed_past_cap(data)
+            return
         self._feed(data)
+        if self.response is None:
+            self.head_size += len(data)
 
-    def _feed(self, data: bytes) -> None:
+    def _feed_past_cap(self, data: bytes | memoryview) -> None:
+        """Feed the head up to the cap; fail if it is not complete by then."""
+        room = MAX_HEAD_SIZE - self.head_size
+        view = memoryview(data)
+        self._feed(view[:room])
+        if self.response is not None:
+            self._receive(view[room:])
+        elif self.error is None:
+            self._fail(UpstreamError("response head too large"))
+            self.close()
+
+    def _feed(self, data: bytes | memoryview) -> None:
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError:

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 
 from gateway.upstream import (
+    MAX_HEAD_SIZE,
     Origin,
     UpstreamError,
     UpstreamPool,
@@ -352,6 +353,54 @@ async def test_upstream_stray_bytes_do_not_fail_the_next_request(
     assert await body_of(await get(pool, upstream)) == b"ok"
     assert await body_of(await get(pool, upstream)) == b"hello"
     assert len(upstream.peers) == 2
+
+
+def head_of_size(size: int) -> bytes:
+    """A response head of exactly ``size`` bytes announcing a 2-byte body."""
+    start = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Pad: "
+    return start + b"p" * (size - len(start) - 4) + b"\r\n\r\n"
+
+
+@pytest.mark.parametrize("interim", [b"", b"HTTP/1.1 100 Continue\r\n\r\n"])
+async def test_upstream_response_head_up_to_the_cap_is_accepted(
+    pool: UpstreamPool, serve: Callable[..., Awaitable[Upstream]], interim: bytes
+) -> None:
+    answer = interim + head_of_size(MAX_HEAD_SIZE - len(interim)) + b"ok"
+    upstream = await serve(answering(answer, answer))
+
+    for _ in range(2):
+        response = await get(pool, upstream)
+        assert response.status == 200
+        assert await body_of(response) == b"ok"
+    assert len(upstream.peers) == 1
+
+
+async def test_upstream_response_head_beyond_the_cap_fails_and_closes(
+    pool: UpstreamPool, serve: Callable[..., Awaitable[Upstream]]
+) -> None:
+    upstream = await serve(answering(head_of_size(MAX_HEAD_SIZE + 1) + b"ok"))
+
+    with pytest.raises(UpstreamError) as caught:
+        await get(pool, upstream)
+    assert type(caught.value) is UpstreamError
+    assert str(caught.value) == "response head too large"
+    await until(lambda: upstream.closed == 1)
+
+
+async def test_upstream_endless_header_line_fails_without_waiting_for_timeout(
+    pool: UpstreamPool, serve: Callable[..., Awaitable[Upstream]]
+) -> None:
+    async def handler(peer: Peer) -> None:
+        await peer.head()
+        await peer.send(b"HTTP/1.1 200 OK\r\nX-Endless: ")
+        while True:
+            await peer.send(b"a" * 4096)
+
+    upstream = await serve(handler)
+    with pytest.raises(UpstreamError) as caught:
+        await get(pool, upstream, timeout_s=300)
+    assert str(caught.value) == "response head too large"
+    await until(lambda: upstream.closed == 1)
 
 
 # -- responses without a body ----------------------------------------------------
