@@ -9,6 +9,7 @@ the streaming itself. Nothing here logs per request.
 from __future__ import annotations
 
 import asyncio
+import re
 from typing import Any
 
 import msgspec
@@ -39,6 +40,9 @@ __all__ = [
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 _json = msgspec.json.Encoder()
+
+# Control characters, which llhttp lets through in a reason phrase only.
+_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 def error_response(
@@ -75,14 +79,65 @@ def _response_tokens(headers: list[tuple[bytes, bytes]]) -> frozenset[str]:
 
 
 def _response_headers(headers: list[tuple[bytes, bytes]]) -> CIMultiDict[str]:
-    """The agent's response headers as the caller receives them."""
+    """The agent's response headers as the caller receives them.
+
+    Values are latin-1 text, one character per byte, so that they encode
+    back to the very bytes the agent sent (see _RelayResponse).
+    """
     drop = HOP_BY_HOP | _response_tokens(headers)
     copied: CIMultiDict[str] = CIMultiDict()
     for raw_name, raw_value in headers:
         name = raw_name.decode("latin-1")
         if name.lower() not in drop:
-            copied.add(name, raw_value.decode("utf-8", "surrogateescape"))
+            copied.add(name, raw_value.decode("latin-1"))
     return copied
+
+
+class _RelayResponse(web.StreamResponse):
+    """An agent's response for the caller: the agent's head, byte for byte.
+
+    Two things of aiohttp's StreamResponse would change it. Its serializer
+    encodes header values as UTF-8 and drops what is not, so an agent's
+    ``caf\\xe9`` would reach the caller as ``caf``: this head is encoded as
+    latin-1 instead, which gives back the bytes the agent sent. And it adds
+    Content-Type and Server when absent: both are removed again unless the
+    agent sent them. What stays of aiohttp's own is the caller's framing
+    (Transfer-Encoding, Connection) and a Date when the agent sent none,
+    which RFC 9110 section 6.6.1 asks of a recipient forwarding a response.
+    """
+
+    def __init__(self, request: web.BaseRequest, upstream: UpstreamResponse) -> None:
+        headers = _response_headers(upstream.headers)
+        reason = upstream.reason
+        # A reason phrase with control characters would break the head; the
+        # standard phrase of the status replaces it.
+        clean = reason and _CONTROL.search(reason) is None
+        super().__init__(
+            status=upstream.status,
+            reason=reason.decode("latin-1") if clean else None,
+            headers=headers,
+        )
+        self._caller = request
+        self._own_content_type = "Content-Type" in headers
+        self._own_server = "Server" in headers
+
+    async def _write_headers(self) -> None:
+        headers = self.headers
+        if not self._own_content_type:
+            headers.popall("Content-Type", None)
+        if not self._own_server:
+            headers.popall("Server", None)
+
+        version = self._caller.version
+        lines = [f"HTTP/{version.major}.{version.minor} {self.status} {self.reason}"]
+        lines.extend(f"{name}: {value}" for name, value in headers.items())
+        lines.append("\r\n")
+        head = "\r\n".join(lines).encode("latin-1")
+
+        transport = self._caller.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("the caller went away")
+        transport.write(head)
 
 
 def request_head(
@@ -225,11 +280,7 @@ class Proxy:
         self, request: web.BaseRequest, upstream: UpstreamResponse, silence_s: float
     ) -> web.StreamResponse:
         """Stream the upstream response to the caller as it arrives."""
-        response = web.StreamResponse(
-            status=upstream.status,
-            reason=upstream.reason.decode("latin-1") or None,
-            headers=_response_headers(upstream.headers),
-        )
+        response = _RelayResponse(request, upstream)
         try:
             await response.prepare(request)
             data = await upstream.read(silence_s)
@@ -238,7 +289,7 @@ class Proxy:
                 data = await upstream.read(silence_s)
             if data:
                 # The whole rest is here: it leaves with the end of the body,
-                # headers included when nothing was written yet, in one write.
+                # in one write.
                 await upstream.read(silence_s)
             await response.write_eof(data)
         except (UpstreamError, ConnectionError):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import re
 import socket
 from collections.abc import AsyncIterator
 
@@ -346,6 +347,7 @@ class _RawAgent:
     """An agent that records every byte it receives and answers each read."""
 
     def __init__(self) -> None:
+        self.answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
         self.received = bytearray()
         self.server: asyncio.Server | None = None
         self.writers: list[asyncio.StreamWriter] = []
@@ -362,7 +364,7 @@ class _RawAgent:
         while data := await reader.read(65536):
             self.received += data
             if b"\r\n\r\n" in data:
-                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                writer.write(self.answer)
         writer.close()
 
     async def close(self) -> None:
@@ -378,6 +380,73 @@ async def raw_agent() -> AsyncIterator[_RawAgent]:
     agent = _RawAgent()
     yield agent
     await agent.close()
+
+
+async def _exchange(port: int, request: bytes) -> bytes:
+    """Everything the gateway answers to ``request`` until it closes."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(request)
+    answer = await reader.read()
+    writer.close()
+    return answer
+
+
+_DATE = re.compile(
+    rb"\r\nDate: [A-Z][a-z]{2}, \d\d [A-Z][a-z]{2} \d{4} [\d:]{8} GMT\r\n"
+)
+
+
+def _dated(answer: bytes) -> bytes:
+    """``answer`` with the gateway's Date (there must be one) as ``NOW``."""
+    dated, count = _DATE.subn(b"\r\nDate: NOW\r\n", answer)
+    assert count == 1
+    return dated
+
+
+@pytest.mark.parametrize(
+    ("sent", "received"),
+    [
+        (
+            b"HTTP/1.1 200 OK\r\nX-Name: caf\xe9\r\nContent-Length: 2\r\n\r\nok",
+            b"HTTP/1.1 200 OK\r\nX-Name: caf\xe9\r\nContent-Length: 2\r\n"
+            b"Date: NOW\r\nConnection: close\r\n\r\nok",
+        ),
+        (
+            b"HTTP/1.1 201 Made\r\nServer: agent/1\r\n"
+            b"Date: Mon, 01 Jan 2024 00:00:00 GMT\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+            b"HTTP/1.1 201 Made\r\nServer: agent/1\r\n"
+            b"Date: Mon, 01 Jan 2024 00:00:00 GMT\r\n"
+            b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+            b"2\r\nok\r\n0\r\n\r\n",
+        ),
+        (
+            b"HTTP/1.1 200 O\x01K\r\nContent-Length: 0\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n"
+            b"Date: NOW\r\nConnection: close\r\n\r\n",
+        ),
+    ],
+    ids=["latin-1-value", "agent-date-and-server", "control-in-reason"],
+)
+async def test_proxy_response_head_is_the_agents_byte_for_byte(
+    gateway_factory: GatewayFactory,
+    redis_url: str,
+    redis_store: Store,
+    environment: str,
+    raw_agent: _RawAgent,
+    sent: bytes,
+    received: bytes,
+) -> None:
+    raw_agent.answer = sent
+    await commit_agent(redis_store, environment, "p", "raw", await raw_agent.start())
+    gateway = await gateway_factory(store=redis_url, environment=environment)
+
+    request = b"GET /p/raw/x HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n"
+    answer = await _exchange(gateway.port, request)
+
+    if b"Date: NOW" in received:
+        answer = _dated(answer)
+    assert answer == received
 
 
 async def test_proxy_gzip_request_body_goes_upstream_byte_for_byte(
