@@ -53,9 +53,17 @@ def error_response(
 ) -> web.Response:
     """The gateway's one error shape: ``{"error", "message"}``."""
     body = _json.encode({"error": error, "message": message})
-    return web.Response(
+    return _ErrorResponse(
         status=status, body=body, content_type="application/json", headers=headers
     )
+
+
+class _ErrorResponse(web.Response):
+    """An answer of the gateway's own, which does not name its server software."""
+
+    async def _prepare_headers(self) -> None:
+        await super()._prepare_headers()
+        self.headers.popall("Server", None)
 
 
 def _connection_tokens(headers: CIMultiDictProxy[str]) -> frozenset[str]:

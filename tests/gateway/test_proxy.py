@@ -449,6 +449,21 @@ async def test_proxy_response_head_is_the_agents_byte_for_byte(
     assert answer == received
 
 
+async def test_proxy_own_answers_do_not_name_the_server_software(
+    gateway: GatewayProcess,
+) -> None:
+    request = b"GET /nowhere/at-all HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n"
+    body = b'{"error":"not_found","message":"No agent is deployed here"}'
+
+    answer = _dated(await _exchange(gateway.port, request))
+
+    assert answer == (
+        b"HTTP/1.1 404 Not Found\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\nDate: NOW\r\nConnection: close\r\n\r\n%b"
+        % (len(body), body)
+    )
+
+
 async def test_proxy_gzip_request_body_goes_upstream_byte_for_byte(
     gateway_factory: GatewayFactory,
     redis_url: str,
