@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
 from aiohttp import web
+from aiohttp.http import RawRequestMessage
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
-from aiohttp.web_protocol import RequestHandler
+from aiohttp.streams import EMPTY_PAYLOAD
+from aiohttp.web_protocol import RequestHandler, _ErrInfo
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.auth import AuthFailure, Identity
@@ -320,11 +323,58 @@ def _abort(request: web.BaseRequest) -> None:
 
 
 class _TrafficRequestHandler(RequestHandler):
-    """Answers malformed requests in the gateway's JSON shape, never echoing them.
+    """The traffic port's connections: limits on request heads, and answers to
+    malformed requests in the gateway's JSON shape, never echoing them.
 
     aiohttp's own answer quotes the start of an oversized header line, and it
     logs each one; a gateway must do neither for what any caller can send.
     """
+
+    __slots__ = ("_head_bytes", "_line_limit")
+
+    def __init__(
+        self,
+        manager: web.Server,
+        *,
+        max_header_size: int,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(manager, **kwargs)
+        self._line_limit = max_header_size
+        # Bytes received since the read that completed the last head.
+        self._head_bytes = 0
+
+    def data_received(self, data: bytes) -> None:
+        queued = len(self._messages)
+        super().data_received(data)
+
+        self._head_bytes += len(data)
+        if len(self._messages) > queued:
+            self._heads_parsed(queued, len(data))
+
+    def _heads_parsed(self, queued: int, last_read: int) -> None:
+        # Only a head that came with more bytes than a line may hold can
+        # have a line too long; the rest of the last read may begin the
+        # next head.
+        if self._head_bytes > self._line_limit:
+            self._refuse_long_lines(queued)
+        self._head_bytes = last_read
+
+    def _refuse_long_lines(self, queued: int) -> None:
+        """Turn the first parsed head with a header line too long into a 431."""
+        limit = self._line_limit - len(": ")
+        messages = self._messages
+        for index in range(queued, len(messages)):
+            message = messages[index][0]
+            if not isinstance(message, RawRequestMessage):
+                return
+            if any(len(n) + len(v) > limit for n, v in message.raw_headers):
+                while len(messages) > index:
+                    messages.pop()
+                # Reported as aiohttp reports the header lines it refuses.
+                error = LineTooLong(b"", self.max_field_size)
+                messages.append((_ErrInfo(431, error, str(error)), EMPTY_PAYLOAD))
+                return
 
     def handle_error(
         self,
@@ -334,11 +384,7 @@ class _TrafficRequestHandler(RequestHandler):
         message: str | None = None,
     ) -> web.StreamResponse:
         if isinstance(exc, LineTooLong):
-            response = error_response(
-                431,
-                "header_too_large",
-                "A request header line is longer than the gateway accepts",
-            )
+            response = _too_long(exc, self.max_line_size)
         elif isinstance(exc, BadHttpMessage):
             response = error_response(400, "bad_request", "Malformed HTTP request")
         else:
@@ -348,8 +394,47 @@ class _TrafficRequestHandler(RequestHandler):
         return response
 
 
+def _too_long(exc: LineTooLong, target_limit: int) -> web.Response:
+    # aiohttp raises the same error for the request target and for a header
+    # line; only the limit it names (its second argument) tells them apart,
+    # which is why the two limits always differ (see TrafficServer).
+    if exc.args[1] == target_limit:
+        return error_response(
+            414, "uri_too_long", "The request target is longer than the gateway accepts"
+        )
+    return error_response(
+        431,
+        "header_too_large",
+        "A request header line is longer than the gateway accepts",
+    )
+
+
 class TrafficServer(web.Server):
-    """aiohttp's low-level server with the gateway's malformed-request answers."""
+    """aiohttp's low-level server with the gateway's limits on request heads.
+
+    ``max_header_size`` bounds each header line, counted as name, ": " and
+    value (431 beyond), and the request target (414 beyond).
+    """
+
+    def __init__(
+        self,
+        handler: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]],
+        *,
+        max_header_size: int,
+        **kwargs: Any,
+    ) -> None:
+        # aiohttp's C parser (3.14) checks a header's name and its value
+        # apart, and counts the name of the header before into the next
+        # name: its own field limit, twice ours, only bounds memory, and the
+        # handler checks each line exactly. Its max_line_size limits the
+        # request target alone.
+        super().__init__(
+            handler,
+            max_line_size=max_header_size,
+            max_field_size=2 * max_header_size,
+            max_header_size=max_header_size,
+            **kwargs,
+        )
 
     def __call__(self) -> RequestHandler:
         # web.Server builds its protocol from these two attributes; building

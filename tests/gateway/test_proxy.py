@@ -363,7 +363,8 @@ class _RawAgent:
         self.writers.append(writer)
         while data := await reader.read(65536):
             self.received += data
-            if b"\r\n\r\n" in data:
+            # The end of a head may be split across reads.
+            if b"\r\n\r\n" in self.received[-len(data) - 3 :]:
                 writer.write(self.answer)
         writer.close()
 
@@ -462,6 +463,79 @@ async def test_proxy_own_answers_do_not_name_the_server_software(
         b"Content-Length: %d\r\nDate: NOW\r\nConnection: close\r\n\r\n%b"
         % (len(body), body)
     )
+
+
+@pytest.fixture
+async def raw_gateway(
+    gateway_factory: GatewayFactory,
+    redis_url: str,
+    redis_store: Store,
+    environment: str,
+    raw_agent: _RawAgent,
+) -> GatewayProcess:
+    """A gateway with agent p/raw deployed on the raw agent."""
+    await commit_agent(redis_store, environment, "p", "raw", await raw_agent.start())
+    return await gateway_factory(store=redis_url, environment=environment)
+
+
+def _status(answer: bytes) -> bytes:
+    """Status code and reason (the gateway's own errors are HTTP/1.0)."""
+    return answer.split(b"\r\n", 1)[0].split(b" ", 1)[1]
+
+
+def _body(answer: bytes) -> bytes:
+    return answer.partition(b"\r\n\r\n")[2]
+
+
+def _line(length: int, shape: str) -> bytes:
+    """A header line of ``length`` bytes, name, ": " and value."""
+    if shape == "long-name":
+        return b"X-" + b"n" * (length - len(b"X-: v")) + b": v"
+    return b"X-Long: " + b"v" * (length - len(b"X-Long: "))
+
+
+@pytest.mark.parametrize("length", [16384, 16385, 40000])
+@pytest.mark.parametrize("shape", ["first-line", "later-line", "long-name"])
+async def test_proxy_header_line_limit_counts_the_whole_line(
+    raw_gateway: GatewayProcess, length: int, shape: str
+) -> None:
+    lines = [b"Host: gw", b"Connection: close", _line(length, shape)]
+    if shape == "first-line":
+        lines.reverse()
+    request = b"GET /p/raw/x HTTP/1.1\r\n%b\r\n\r\n"
+
+    answer = await _exchange(raw_gateway.port, request % b"\r\n".join(lines))
+
+    if length <= 16384:
+        assert _status(answer) == b"200 OK"
+    else:
+        assert _status(answer) == b"431 Request Header Fields Too Large"
+        assert _body(answer) == (
+            b'{"error":"header_too_large",'
+            b'"message":"A request header line is longer than the gateway accepts"}'
+        )
+    ok = await _exchange(raw_gateway.port, request % b"Host: gw\r\nConnection: close")
+    assert _status(ok) == b"200 OK"
+
+
+@pytest.mark.parametrize("length", [16384, 16385])
+async def test_proxy_request_target_limit_is_414(
+    raw_gateway: GatewayProcess, length: int
+) -> None:
+    target = b"/p/raw/x?q=" + b"q" * (length - len(b"/p/raw/x?q="))
+    request = b"GET %b HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n" % target
+
+    answer = await _exchange(raw_gateway.port, request)
+
+    if length <= 16384:
+        assert _status(answer) == b"200 OK"
+    else:
+        assert _status(answer) == b"414 Request-URI Too Long"
+        assert _body(answer) == (
+            b'{"error":"uri_too_long",'
+            b'"message":"The request target is longer than the gateway accepts"}'
+        )
+        assert b"qqqq" not in answer
 
 
 async def test_proxy_gzip_request_body_goes_upstream_byte_for_byte(
