@@ -17,7 +17,7 @@ import msgspec
 from aiohttp import web
 from aiohttp.http import RawRequestMessage
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
-from aiohttp.streams import EMPTY_PAYLOAD
+from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from aiohttp.web_protocol import RequestHandler, _ErrInfo
 from multidict import CIMultiDict, CIMultiDictProxy
 
@@ -330,35 +330,60 @@ class _TrafficRequestHandler(RequestHandler):
     logs each one; a gateway must do neither for what any caller can send.
     """
 
-    __slots__ = ("_head_bytes", "_line_limit")
+    __slots__ = (
+        "_head_bytes",
+        "_head_timeout_s",
+        "_head_timer",
+        "_last_payload",
+        "_line_limit",
+    )
 
     def __init__(
         self,
         manager: web.Server,
         *,
         max_header_size: int,
+        header_timeout_s: float,
         **kwargs: Any,
     ) -> None:
         super().__init__(manager, **kwargs)
         self._line_limit = max_header_size
+        self._head_timeout_s = header_timeout_s
+        self._head_timer: asyncio.TimerHandle | None = None
         # Bytes received since the read that completed the last head.
         self._head_bytes = 0
+        # The body of the last request: until it is complete, what arrives
+        # is body, not the start of the next head.
+        self._last_payload: StreamReader | None = None
 
     def data_received(self, data: bytes) -> None:
+        payload = self._last_payload
+        expecting_head = payload is None or payload.is_eof()
         queued = len(self._messages)
         super().data_received(data)
 
         self._head_bytes += len(data)
         if len(self._messages) > queued:
             self._heads_parsed(queued, len(data))
+        elif expecting_head and data and self._head_timer is None:
+            # A head has begun: it must be complete within the bound
+            # (aiohttp's keep-alive timer only closes connections that
+            # sent nothing).
+            self._head_timer = self._loop.call_later(
+                self._head_timeout_s, self._head_timed_out
+            )
 
     def _heads_parsed(self, queued: int, last_read: int) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
         # Only a head that came with more bytes than a line may hold can
         # have a line too long; the rest of the last read may begin the
         # next head.
         if self._head_bytes > self._line_limit:
             self._refuse_long_lines(queued)
         self._head_bytes = last_read
+        self._last_payload = self._messages[-1][1]
 
     def _refuse_long_lines(self, queued: int) -> None:
         """Turn the first parsed head with a header line too long into a 431."""
@@ -375,6 +400,17 @@ class _TrafficRequestHandler(RequestHandler):
                 error = LineTooLong(b"", self.max_field_size)
                 messages.append((_ErrInfo(431, error, str(error)), EMPTY_PAYLOAD))
                 return
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        self.force_close()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        self._last_payload = None
+        super().connection_lost(exc)
 
     def handle_error(
         self,
@@ -413,7 +449,9 @@ class TrafficServer(web.Server):
     """aiohttp's low-level server with the gateway's limits on request heads.
 
     ``max_header_size`` bounds each header line, counted as name, ": " and
-    value (431 beyond), and the request target (414 beyond).
+    value (431 beyond), and the request target (414 beyond). A head must be
+    complete within ``header_timeout_s`` seconds of its first byte, or the
+    connection is closed.
     """
 
     def __init__(
@@ -421,6 +459,7 @@ class TrafficServer(web.Server):
         handler: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]],
         *,
         max_header_size: int,
+        header_timeout_s: float,
         **kwargs: Any,
     ) -> None:
         # aiohttp's C parser (3.14) checks a header's name and its value
@@ -433,6 +472,7 @@ class TrafficServer(web.Server):
             max_line_size=max_header_size,
             max_field_size=2 * max_header_size,
             max_header_size=max_header_size,
+            header_timeout_s=header_timeout_s,
             **kwargs,
         )
 

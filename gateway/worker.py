@@ -44,6 +44,7 @@ def _traffic_server(settings: GatewaySettings, proxy: Proxy) -> TrafficServer:
         # the Content-Length the caller announced for it.
         auto_decompress=False,
         max_header_size=settings.max_header_size,
+        header_timeout_s=settings.header_timeout_s,
         access_log=access_log if settings.access_log else None,
     )
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import re
 import socket
 from collections.abc import AsyncIterator
 
 import aiohttp
+import msgspec
 import pytest
 import yarl
 from prometheus_client.parser import text_string_to_metric_families
@@ -536,6 +538,79 @@ async def test_proxy_request_target_limit_is_414(
             b'"message":"The request target is longer than the gateway accepts"}'
         )
         assert b"qqqq" not in answer
+
+
+@pytest.fixture
+async def impatient_gateway(
+    gateway_factory: GatewayFactory,
+    redis_url: str,
+    redis_store: Store,
+    environment: str,
+    upstream_agent: AgentProcess,
+) -> GatewayProcess:
+    """A gateway with agent p/a that waits 0.3 s for a request head."""
+    await commit_agent(redis_store, environment, "p", "a", upstream_agent.url)
+    return await gateway_factory(
+        store=redis_url,
+        environment=environment,
+        extra_env={"AGW_HEADER_TIMEOUT_S": "0.3"},
+    )
+
+
+@pytest.mark.parametrize("trickle", [False, True], ids=["stalled", "trickled"])
+async def test_proxy_request_head_not_complete_in_time_is_closed(
+    impatient_gateway: GatewayProcess, trickle: bool
+) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", impatient_gateway.port)
+    writer.write(b"GET /p/a/x HTTP/1.1\r\nHost: gw\r\n")
+
+    async def more_lines() -> None:
+        # A line now and then, as slowloris does: the bound still holds.
+        with contextlib.suppress(ConnectionError):
+            for _ in range(100):
+                await asyncio.sleep(0.05)
+                writer.write(b"X-More: 1\r\n")
+                await writer.drain()
+
+    sender = asyncio.create_task(more_lines()) if trickle else None
+    try:
+        assert await asyncio.wait_for(reader.read(), 10) == b""
+    finally:
+        if sender is not None:
+            sender.cancel()
+        writer.close()
+
+
+async def _response(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    """The status and body of one response with a Content-Length."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = re.search(rb"\r\nContent-Length: (\d+)\r\n", head)
+    assert length is not None
+    body = await reader.readexactly(int(length[1]))
+    return head.split(b" ", 2)[1], body
+
+
+async def test_proxy_header_timeout_spares_idle_connections_and_slow_bodies(
+    impatient_gateway: GatewayProcess,
+) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", impatient_gateway.port)
+    get = b"GET /p/a/x HTTP/1.1\r\nHost: gw\r\n\r\n"
+
+    await asyncio.sleep(0.6)  # idle, twice the head timeout
+    writer.write(get)
+    assert (await _response(reader))[0] == b"200"
+
+    writer.write(b"POST /p/a/x HTTP/1.1\r\nHost: gw\r\nContent-Length: 5\r\n\r\n")
+    await asyncio.sleep(0.6)  # the body comes late; the head was complete
+    writer.write(b"hello")
+    status, body = await _response(reader)
+    assert status == b"200"
+    assert msgspec.json.decode(body)["body"] == "hello"
+
+    await asyncio.sleep(0.6)
+    writer.write(get)
+    assert (await _response(reader))[0] == b"200"
+    writer.close()
 
 
 async def test_proxy_gzip_request_body_goes_upstream_byte_for_byte(
