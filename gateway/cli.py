@@ -24,6 +24,7 @@ class GatewaySettings(msgspec.Struct, frozen=True, kw_only=True):
     admin_port: int = 9901
     workers: int = 1
     max_header_size: int = 16384
+    header_timeout_s: float = 30.0
     drain_grace_s: float = 30.0
     log_level: str = "INFO"
     access_log: bool = False
@@ -56,6 +57,7 @@ _HELP = {
     "admin_port": "management port: /healthz, /readyz, /metrics",
     "workers": "number of worker processes",
     "max_header_size": "longest accepted request header line, in bytes",
+    "header_timeout_s": "seconds a caller may take to send a request head",
     "drain_grace_s": "seconds in-flight requests may finish after SIGTERM",
     "log_level": "DEBUG, INFO, WARNING or ERROR",
     "access_log": "log one line per request (true/false)",

@@ -9,12 +9,17 @@ the streaming itself. Nothing here logs per request.
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+import re
+from collections.abc import Awaitable, Callable
+from typing import Any, cast
 
 import msgspec
 from aiohttp import web
+from aiohttp.http import RawRequestMessage
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
-from aiohttp.web_protocol import RequestHandler
+from aiohttp.http_writer import StreamWriter
+from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
+from aiohttp.web_protocol import RequestHandler, _ErrInfo
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.auth import AuthFailure, Identity
@@ -40,6 +45,9 @@ _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 _json = msgspec.json.Encoder()
 
+# Control characters, which llhttp lets through in a reason phrase only.
+_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+
 
 def error_response(
     status: int,
@@ -49,9 +57,17 @@ def error_response(
 ) -> web.Response:
     """The gateway's one error shape: ``{"error", "message"}``."""
     body = _json.encode({"error": error, "message": message})
-    return web.Response(
+    return _ErrorResponse(
         status=status, body=body, content_type="application/json", headers=headers
     )
+
+
+class _ErrorResponse(web.Response):
+    """An answer of the gateway's own, which does not name its server software."""
+
+    async def _prepare_headers(self) -> None:
+        await super()._prepare_headers()
+        self.headers.popall("Server", None)
 
 
 def _connection_tokens(headers: CIMultiDictProxy[str]) -> frozenset[str]:
@@ -75,14 +91,72 @@ def _response_tokens(headers: list[tuple[bytes, bytes]]) -> frozenset[str]:
 
 
 def _response_headers(headers: list[tuple[bytes, bytes]]) -> CIMultiDict[str]:
-    """The agent's response headers as the caller receives them."""
+    """The agent's response headers as the caller receives them.
+
+    Values are latin-1 text, one character per byte, so that they encode
+    back to the very bytes the agent sent (see _RelayResponse).
+    """
     drop = HOP_BY_HOP | _response_tokens(headers)
     copied: CIMultiDict[str] = CIMultiDict()
     for raw_name, raw_value in headers:
         name = raw_name.decode("latin-1")
         if name.lower() not in drop:
-            copied.add(name, raw_value.decode("utf-8", "surrogateescape"))
+            copied.add(name, raw_value.decode("latin-1"))
     return copied
+
+
+class _RelayResponse(web.StreamResponse):
+    """An agent's response for the caller: the agent's head, byte for byte.
+
+    Two things of aiohttp's StreamResponse would change it. Its serializer
+    encodes header values as UTF-8 and drops what is not, so an agent's
+    ``caf\\xe9`` would reach the caller as ``caf``: this head is encoded as
+    latin-1 instead, which gives back the bytes the agent sent. And it adds
+    Content-Type and Server when absent: both are removed again unless the
+    agent sent them. What stays of aiohttp's own is the caller's framing
+    (Transfer-Encoding, Connection) and a Date when the agent sent none,
+    which RFC 9110 section 6.6.1 asks of a recipient forwarding a response.
+    """
+
+    def __init__(
+        self, request: web.BaseRequest, upstream: UpstreamResponse, *, coalesce: bool
+    ) -> None:
+        headers = _response_headers(upstream.headers)
+        reason = upstream.reason
+        # A reason phrase with control characters would break the head; the
+        # standard phrase of the status replaces it.
+        clean = reason and _CONTROL.search(reason) is None
+        super().__init__(
+            status=upstream.status,
+            reason=reason.decode("latin-1") if clean else None,
+            headers=headers,
+        )
+        self._caller = request
+        self._coalesce = coalesce
+        self._own_content_type = "Content-Type" in headers
+        self._own_server = "Server" in headers
+
+    async def _write_headers(self) -> None:
+        headers = self.headers
+        if not self._own_content_type:
+            headers.popall("Content-Type", None)
+        if not self._own_server:
+            headers.popall("Server", None)
+
+        version = self._caller.version
+        lines = [f"HTTP/{version.major}.{version.minor} {self.status} {self.reason}"]
+        lines.extend(f"{name}: {value}" for name, value in headers.items())
+        lines.append("\r\n")
+        head = "\r\n".join(lines).encode("latin-1")
+
+        # Handed to aiohttp's writer as its write_headers() would, so that
+        # its framing of the body stays its own and, when coalescing, the
+        # head leaves with the first body bytes in one write.
+        writer = cast(StreamWriter, self._payload_writer)
+        writer._headers_buf = head
+        writer._headers_written = False
+        if not self._coalesce:
+            writer.send_headers()
 
 
 def request_head(
@@ -233,12 +307,7 @@ class Proxy:
         """Stream the upstream response to the caller as it arrives."""
         # When body bytes came with the head, the head waits for them and
         # both leave in one write; otherwise the caller sees the head now.
-        kind = _Coalesced if upstream.readable else web.StreamResponse
-        response = kind(
-            status=upstream.status,
-            reason=upstream.reason.decode("latin-1") or None,
-            headers=_response_headers(upstream.headers),
-        )
+        response = _RelayResponse(request, upstream, coalesce=upstream.readable)
         try:
             await response.prepare(request)
             data = await upstream.read(silence_s)
@@ -247,7 +316,7 @@ class Proxy:
                 data = await upstream.read(silence_s)
             if data:
                 # The whole rest is here: it leaves with the end of the body,
-                # headers included when nothing was written yet, in one write.
+                # in one write.
                 await upstream.read(silence_s)
             await response.write_eof(data)
         except (UpstreamError, ConnectionError):
@@ -263,13 +332,6 @@ class Proxy:
         return response
 
 
-class _Coalesced(web.StreamResponse):
-    """A response whose head is sent with the first body bytes (or its end)."""
-
-    # aiohttp's own web.Response sets this; a streamed response may too.
-    _send_headers_immediately = False
-
-
 def _abort(request: web.BaseRequest) -> None:
     transport = request.transport
     if transport is not None:
@@ -277,11 +339,94 @@ def _abort(request: web.BaseRequest) -> None:
 
 
 class _TrafficRequestHandler(RequestHandler):
-    """Answers malformed requests in the gateway's JSON shape, never echoing them.
+    """The traffic port's connections: limits on request heads, and answers to
+    malformed requests in the gateway's JSON shape, never echoing them.
 
     aiohttp's own answer quotes the start of an oversized header line, and it
     logs each one; a gateway must do neither for what any caller can send.
     """
+
+    __slots__ = (
+        "_head_bytes",
+        "_head_timeout_s",
+        "_head_timer",
+        "_last_payload",
+        "_line_limit",
+    )
+
+    def __init__(
+        self,
+        manager: web.Server,
+        *,
+        max_header_size: int,
+        header_timeout_s: float,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(manager, **kwargs)
+        self._line_limit = max_header_size
+        self._head_timeout_s = header_timeout_s
+        self._head_timer: asyncio.TimerHandle | None = None
+        # Bytes received since the read that completed the last head.
+        self._head_bytes = 0
+        # The body of the last request: until it is complete, what arrives
+        # is body, not the start of the next head.
+        self._last_payload: StreamReader | None = None
+
+    def data_received(self, data: bytes) -> None:
+        payload = self._last_payload
+        expecting_head = payload is None or payload.is_eof()
+        queued = len(self._messages)
+        super().data_received(data)
+
+        self._head_bytes += len(data)
+        if len(self._messages) > queued:
+            self._heads_parsed(queued, len(data))
+        elif expecting_head and data and self._head_timer is None:
+            # A head has begun: it must be complete within the bound
+            # (aiohttp's keep-alive timer only closes connections that
+            # sent nothing).
+            self._head_timer = self._loop.call_later(
+                self._head_timeout_s, self._head_timed_out
+            )
+
+    def _heads_parsed(self, queued: int, last_read: int) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        # Only a head that came with more bytes than a line may hold can
+        # have a line too long; the rest of the last read may begin the
+        # next head.
+        if self._head_bytes > self._line_limit:
+            self._refuse_long_lines(queued)
+        self._head_bytes = last_read
+        self._last_payload = self._messages[-1][1]
+
+    def _refuse_long_lines(self, queued: int) -> None:
+        """Turn the first parsed head with a header line too long into a 431."""
+        limit = self._line_limit - len(": ")
+        messages = self._messages
+        for index in range(queued, len(messages)):
+            message = messages[index][0]
+            if not isinstance(message, RawRequestMessage):
+                return
+            if any(len(n) + len(v) > limit for n, v in message.raw_headers):
+                while len(messages) > index:
+                    messages.pop()
+                # Reported as aiohttp reports the header lines it refuses.
+                error = LineTooLong(b"", self.max_field_size)
+                messages.append((_ErrInfo(431, error, str(error)), EMPTY_PAYLOAD))
+                return
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        self.force_close()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        self._last_payload = None
+        super().connection_lost(exc)
 
     def handle_error(
         self,
@@ -291,11 +436,7 @@ class _TrafficRequestHandler(RequestHandler):
         message: str | None = None,
     ) -> web.StreamResponse:
         if isinstance(exc, LineTooLong):
-            response = error_response(
-                431,
-                "header_too_large",
-                "A request header line is longer than the gateway accepts",
-            )
+            response = _too_long(exc, self.max_line_size)
         elif isinstance(exc, BadHttpMessage):
             response = error_response(400, "bad_request", "Malformed HTTP request")
         else:
@@ -305,8 +446,51 @@ class _TrafficRequestHandler(RequestHandler):
         return response
 
 
+def _too_long(exc: LineTooLong, target_limit: int) -> web.Response:
+    # aiohttp raises the same error for the request target and for a header
+    # line; only the limit it names (its second argument) tells them apart,
+    # which is why the two limits always differ (see TrafficServer).
+    if exc.args[1] == target_limit:
+        return error_response(
+            414, "uri_too_long", "The request target is longer than the gateway accepts"
+        )
+    return error_response(
+        431,
+        "header_too_large",
+        "A request header line is longer than the gateway accepts",
+    )
+
+
 class TrafficServer(web.Server):
-    """aiohttp's low-level server with the gateway's malformed-request answers."""
+    """aiohttp's low-level server with the gateway's limits on request heads.
+
+    ``max_header_size`` bounds each header line, counted as name, ": " and
+    value (431 beyond), and the request target (414 beyond). A head must be
+    complete within ``header_timeout_s`` seconds of its first byte, or the
+    connection is closed.
+    """
+
+    def __init__(
+        self,
+        handler: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]],
+        *,
+        max_header_size: int,
+        header_timeout_s: float,
+        **kwargs: Any,
+    ) -> None:
+        # aiohttp's C parser (3.14) checks a header's name and its value
+        # apart, and counts the name of the header before into the next
+        # name: its own field limit, twice ours, only bounds memory, and the
+        # handler checks each line exactly. Its max_line_size limits the
+        # request target alone.
+        super().__init__(
+            handler,
+            max_line_size=max_header_size,
+            max_field_size=2 * max_header_size,
+            max_header_size=max_header_size,
+            header_timeout_s=header_timeout_s,
+            **kwargs,
+        )
 
     def __call__(self) -> RequestHandler:
         # web.Server builds its protocol from these two attributes; building

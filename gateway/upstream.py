@@ -5,7 +5,8 @@ most of a request's CPU. This one does only what a proxy needs: it sends a
 request head the caller serialized once, streams the request body, parses
 the response with llhttp (``httptools``) and hands the body on as it arrives,
 pausing the agent's socket while the caller is slow. A connection goes back
-to its pool only after a complete response whose framing allows reuse.
+to its pool only after a complete response whose framing allows reuse, and
+only if not one byte came after that response.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any, cast
 import httptools
 
 __all__ = [
+    "MAX_HEAD_SIZE",
     "BodyReader",
     "Origin",
     "UpstreamError",
@@ -36,6 +38,11 @@ _HIGH_WATER = 256 * 1024
 
 _NO_BODY_STATUS = frozenset({204, 304})
 
+# The most an agent may send before its response head is complete (status
+# line, header lines, and any interim 1xx answers before it). Without a cap,
+# an endless header line would grow the worker's memory until the timeout.
+MAX_HEAD_SIZE = 64 * 1024
+
 
 class UpstreamError(Exception):
     """The agent could not be reached, or broke the exchange."""
@@ -47,6 +54,10 @@ class UpstreamTimeout(UpstreamError):
 
 class _DeadConnection(UpstreamError):
     """A pooled connection closed before any byte of its response arrived."""
+
+
+class _StrayMessage(Exception):
+    """A second message began after the response: the parse stops there."""
 
 
 class Origin:
@@ -85,6 +96,7 @@ class _Connection(asyncio.Protocol):
         self.headers: list[tuple[bytes, bytes]] = []
         self.reason = b""
         self.any_bytes = False
+        self.head_size = 0
         self.framed = False
         self.done = False
         self.keep_alive = False
@@ -108,12 +120,43 @@ class _Connection(asyncio.Protocol):
             # Bytes on an idle connection: it can no longer be trusted.
             self.close()
             return
+        self._receive(data)
+
+    def _receive(self, data: bytes | memoryview) -> None:
+        if self.done:
+            # Bytes beyond the end of the response: the response stands, but
+            # the stream is out of step and the connection is never reused.
+            self.keep_alive = False
+            return
         self.any_bytes = True
+        if self.response is None and self.head_size + len(data) > MAX_HEAD_SIZE:
+            self._feed_past_cap(data)
+            return
+        self._feed(data)
+        if self.response is None:
+            self.head_size += len(data)
+
+    def _feed_past_cap(self, data: bytes | memoryview) -> None:
+        """Feed the head up to the cap; fail if it is not complete by then."""
+        room = MAX_HEAD_SIZE - self.head_size
+        view = memoryview(data)
+        self._feed(view[:room])
+        if self.response is not None:
+            self._receive(view[room:])
+        elif self.error is None:
+            self._fail(UpstreamError("response head too large"))
+            self.close()
+
+    def _feed(self, data: bytes | memoryview) -> None:
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError:
-            self._fail(UpstreamError("malformed response"))
-            self.close()
+            if self.done:
+                # What follows a complete response (see on_message_begin).
+                self.keep_alive = False
+            else:
+                self._fail(UpstreamError("malformed response"))
+                self.close()
         if self.stale_parser:
             # A HEAD answer ends with its headers, whatever they announce.
             self.parser = httptools.HttpResponseParser(self)
@@ -131,8 +174,9 @@ class _Connection(asyncio.Protocol):
                 self._fail(_DeadConnection("pooled connection was closed"))
             else:
                 self._fail(UpstreamError("connection closed before a response"))
-        elif not self.framed:
-            # Read-until-close framing: the close is the end of the body.
+        elif not self.framed and exc is None:
+            # Read-until-close framing: a clean close is the end of the body;
+            # a reset is not, and must not pass for one.
             self.done = True
             self._wake()
         else:
@@ -148,11 +192,21 @@ class _Connection(asyncio.Protocol):
 
     # --- httptools callbacks --------------------------------------------------
 
+    def on_message_begin(self) -> None:
+        if self.done:
+            # A second response in the same read as the end of the first:
+            # none was asked for, so nothing of it may reach the caller.
+            raise _StrayMessage
+
     def on_status(self, status: bytes) -> None:
         self.reason += status
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name, value))
+        # Fields after the head are trailers of a chunked body: dropped, as
+        # the gateway does not forward trailers, and the caller's head holds
+        # the list that was complete at on_headers_complete.
+        if self.response is None:
+            self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()

@@ -43,8 +43,8 @@ def _traffic_server(settings: GatewaySettings, proxy: Proxy) -> TrafficServer:
         # Bodies pass through as sent: a decoded body would no longer match
         # the Content-Length the caller announced for it.
         auto_decompress=False,
-        max_line_size=settings.max_header_size,
-        max_field_size=settings.max_header_size,
+        max_header_size=settings.max_header_size,
+        header_timeout_s=settings.header_timeout_s,
         access_log=access_log if settings.access_log else None,
     )
 

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
+import re
 import socket
 from collections.abc import AsyncIterator
 
 import aiohttp
+import msgspec
 import pytest
 import yarl
 from prometheus_client.parser import text_string_to_metric_families
@@ -362,6 +365,7 @@ class _RawAgent:
     """An agent that records every byte it receives and answers each read."""
 
     def __init__(self) -> None:
+        self.answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
         self.received = bytearray()
         self.server: asyncio.Server | None = None
         self.writers: list[asyncio.StreamWriter] = []
@@ -377,8 +381,9 @@ class _RawAgent:
         self.writers.append(writer)
         while data := await reader.read(65536):
             self.received += data
-            if b"\r\n\r\n" in data:
-                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            # The end of a head may be split across reads.
+            if b"\r\n\r\n" in self.received[-len(data) - 3 :]:
+                writer.write(self.answer)
         writer.close()
 
     async def close(self) -> None:
@@ -394,6 +399,234 @@ async def raw_agent() -> AsyncIterator[_RawAgent]:
     agent = _RawAgent()
     yield agent
     await agent.close()
+
+
+async def _exchange(port: int, request: bytes) -> bytes:
+    """Everything the gateway answers to ``request`` until it closes."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(request)
+    answer = await reader.read()
+    writer.close()
+    return answer
+
+
+_DATE = re.compile(
+    rb"\r\nDate: [A-Z][a-z]{2}, \d\d [A-Z][a-z]{2} \d{4} [\d:]{8} GMT\r\n"
+)
+
+
+def _dated(answer: bytes) -> bytes:
+    """``answer`` with the gateway's Date (there must be one) as ``NOW``."""
+    dated, count = _DATE.subn(b"\r\nDate: NOW\r\n", answer)
+    assert count == 1
+    return dated
+
+
+@pytest.mark.parametrize(
+    ("sent", "received"),
+    [
+        (
+            b"HTTP/1.1 200 OK\r\nX-Name: caf\xe9\r\nContent-Length: 2\r\n\r\nok",
+            b"HTTP/1.1 200 OK\r\nX-Name: caf\xe9\r\nContent-Length: 2\r\n"
+            b"Date: NOW\r\nConnection: close\r\n\r\nok",
+        ),
+        (
+            b"HTTP/1.1 201 Made\r\nServer: agent/1\r\n"
+            b"Date: Mon, 01 Jan 2024 00:00:00 GMT\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+            b"HTTP/1.1 201 Made\r\nServer: agent/1\r\n"
+            b"Date: Mon, 01 Jan 2024 00:00:00 GMT\r\n"
+            b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+            b"2\r\nok\r\n0\r\n\r\n",
+        ),
+        (
+            b"HTTP/1.1 200 O\x01K\r\nContent-Length: 0\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n"
+            b"Date: NOW\r\nConnection: close\r\n\r\n",
+        ),
+    ],
+    ids=["latin-1-value", "agent-date-and-server", "control-in-reason"],
+)
+async def test_proxy_response_head_is_the_agents_byte_for_byte(
+    gateway_factory: GatewayFactory,
+    redis_url: str,
+    redis_store: Store,
+    environment: str,
+    raw_agent: _RawAgent,
+    sent: bytes,
+    received: bytes,
+) -> None:
+    raw_agent.answer = sent
+    await commit_agent(redis_store, environment, "p", "raw", await raw_agent.start())
+    gateway = await gateway_factory(store=redis_url, environment=environment)
+
+    request = b"GET /p/raw/x HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n"
+    answer = await _exchange(gateway.port, request)
+
+    if b"Date: NOW" in received:
+        answer = _dated(answer)
+    assert answer == received
+
+
+async def test_proxy_own_answers_do_not_name_the_server_software(
+    gateway: GatewayProcess,
+) -> None:
+    request = b"GET /nowhere/at-all HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n"
+    body = b'{"error":"not_found","message":"No agent is deployed here"}'
+
+    answer = _dated(await _exchange(gateway.port, request))
+
+    assert answer == (
+        b"HTTP/1.1 404 Not Found\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\nDate: NOW\r\nConnection: close\r\n\r\n%b"
+        % (len(body), body)
+    )
+
+
+@pytest.fixture
+async def raw_gateway(
+    gateway_factory: GatewayFactory,
+    redis_url: str,
+    redis_store: Store,
+    environment: str,
+    raw_agent: _RawAgent,
+) -> GatewayProcess:
+    """A gateway with agent p/raw deployed on the raw agent."""
+    await commit_agent(redis_store, environment, "p", "raw", await raw_agent.start())
+    return await gateway_factory(store=redis_url, environment=environment)
+
+
+def _status(answer: bytes) -> bytes:
+    """Status code and reason (the gateway's own errors are HTTP/1.0)."""
+    return answer.split(b"\r\n", 1)[0].split(b" ", 1)[1]
+
+
+def _body(answer: bytes) -> bytes:
+    return answer.partition(b"\r\n\r\n")[2]
+
+
+def _line(length: int, shape: str) -> bytes:
+    """A header line of ``length`` bytes, name, ": " and value."""
+    if shape == "long-name":
+        return b"X-" + b"n" * (length - len(b"X-: v")) + b": v"
+    return b"X-Long: " + b"v" * (length - len(b"X-Long: "))
+
+
+@pytest.mark.parametrize("length", [16384, 16385, 40000])
+@pytest.mark.parametrize("shape", ["first-line", "later-line", "long-name"])
+async def test_proxy_header_line_limit_counts_the_whole_line(
+    raw_gateway: GatewayProcess, length: int, shape: str
+) -> None:
+    lines = [b"Host: gw", b"Connection: close", _line(length, shape)]
+    if shape == "first-line":
+        lines.reverse()
+    request = b"GET /p/raw/x HTTP/1.1\r\n%b\r\n\r\n"
+
+    answer = await _exchange(raw_gateway.port, request % b"\r\n".join(lines))
+
+    if length <= 16384:
+        assert _status(answer) == b"200 OK"
+    else:
+        assert _status(answer) == b"431 Request Header Fields Too Large"
+        assert _body(answer) == (
+            b'{"error":"header_too_large",'
+            b'"message":"A request header line is longer than the gateway accepts"}'
+        )
+    ok = await _exchange(raw_gateway.port, request % b"Host: gw\r\nConnection: close")
+    assert _status(ok) == b"200 OK"
+
+
+@pytest.mark.parametrize("length", [16384, 16385])
+async def test_proxy_request_target_limit_is_414(
+    raw_gateway: GatewayProcess, length: int
+) -> None:
+    target = b"/p/raw/x?q=" + b"q" * (length - len(b"/p/raw/x?q="))
+    request = b"GET %b HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n" % target
+
+    answer = await _exchange(raw_gateway.port, request)
+
+    if length <= 16384:
+        assert _status(answer) == b"200 OK"
+    else:
+        assert _status(answer) == b"414 Request-URI Too Long"
+        assert _body(answer) == (
+            b'{"error":"uri_too_long",'
+            b'"message":"The request target is longer than the gateway accepts"}'
+        )
+        assert b"qqqq" not in answer
+
+
+@pytest.fixture
+async def impatient_gateway(
+    gateway_factory: GatewayFactory,
+    redis_url: str,
+    redis_store: Store,
+    environment: str,
+    upstream_agent: AgentProcess,
+) -> GatewayProcess:
+    """A gateway with agent p/a that waits 0.3 s for a request head."""
+    await commit_agent(redis_store, environment, "p", "a", upstream_agent.url)
+    return await gateway_factory(
+        store=redis_url,
+        environment=environment,
+        extra_env={"AGW_HEADER_TIMEOUT_S": "0.3"},
+    )
+
+
+@pytest.mark.parametrize("trickle", [False, True], ids=["stalled", "trickled"])
+async def test_proxy_request_head_not_complete_in_time_is_closed(
+    impatient_gateway: GatewayProcess, trickle: bool
+) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", impatient_gateway.port)
+    writer.write(b"GET /p/a/x HTTP/1.1\r\nHost: gw\r\n")
+
+    async def more_lines() -> None:
+        # A line now and then, as slowloris does: the bound still holds.
+        with contextlib.suppress(ConnectionError):
+            for _ in range(100):
+                await asyncio.sleep(0.05)
+                writer.write(b"X-More: 1\r\n")
+                await writer.drain()
+
+    sender = asyncio.create_task(more_lines()) if trickle else None
+    try:
+        assert await asyncio.wait_for(reader.read(), 10) == b""
+    finally:
+        if sender is not None:
+            sender.cancel()
+        writer.close()
+
+
+async def _response(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    """The status and body of one response with a Content-Length."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = re.search(rb"\r\nContent-Length: (\d+)\r\n", head)
+    assert length is not None
+    body = await reader.readexactly(int(length[1]))
+    return head.split(b" ", 2)[1], body
+
+
+async def test_proxy_header_timeout_spares_idle_connections_and_slow_bodies(
+    impatient_gateway: GatewayProcess,
+) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", impatient_gateway.port)
+    get = b"GET /p/a/x HTTP/1.1\r\nHost: gw\r\n\r\n"
+
+    await asyncio.sleep(0.6)  # idle, twice the head timeout
+    writer.write(get)
+    assert (await _response(reader))[0] == b"200"
+
+    writer.write(b"POST /p/a/x HTTP/1.1\r\nHost: gw\r\nContent-Length: 5\r\n\r\n")
+    await asyncio.sleep(0.6)  # the body comes late; the head was complete
+    writer.write(b"hello")
+    status, body = await _response(reader)
+    assert status == b"200"
+    assert msgspec.json.decode(body)["body"] == "hello"
+
+    await asyncio.sleep(0.6)
+    writer.write(get)
+    assert (await _response(reader))[0] == b"200"
+    writer.close()
 
 
 async def test_proxy_gzip_request_body_goes_upstream_byte_for_byte(

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
 from gateway.upstream import (
+    MAX_HEAD_SIZE,
     Origin,
     UpstreamError,
     UpstreamPool,
@@ -124,6 +126,23 @@ def answering(*answers: bytes) -> Handler:
                 return
             await peer.send(answer)
         await peer.head()
+
+    return handler
+
+
+REUSED = b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nreused"
+
+
+def in_turn(*answers: bytes) -> Handler:
+    """Connection n answers its first request with ``answers[n]``, later ones
+    with ``REUSED``."""
+    left = list(answers)
+
+    async def handler(peer: Peer) -> None:
+        answer = left.pop(0)
+        while await peer.head():
+            await peer.send(answer)
+            answer = REUSED
 
     return handler
 
@@ -274,6 +293,114 @@ async def test_upstream_response_split_at_every_byte_boundary(cut: int) -> None:
     assert await body_of(response) == b"data: first\n\ndata: second\n\n"
     assert transport.written == GET
     assert conn.reusable()
+
+
+async def test_upstream_trailers_never_reach_the_response_headers(
+    pool: UpstreamPool, serve: Callable[..., Awaitable[Upstream]]
+) -> None:
+    answer = (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"2\r\nok\r\n0\r\nContent-Type: text/evil\r\nSet-Cookie: x=1\r\n\r\n"
+    )
+    upstream = await serve(answering(answer, answer))
+
+    for _ in range(2):
+        response = await get(pool, upstream)
+        assert await body_of(response) == b"ok"
+        assert response.headers == [(b"Transfer-Encoding", b"chunked")]
+
+    assert len(upstream.peers) == 1
+
+
+OK_2 = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+STRAY = [
+    b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nSet-Cookie: x=1\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nX: 1\r\n",
+    b"xyz",
+]
+
+
+@pytest.mark.parametrize("stray", STRAY, ids=["response", "half-head", "garbage"])
+@pytest.mark.parametrize("same_read", [True, False], ids=["same-read", "later-read"])
+async def test_upstream_bytes_after_the_response_are_ignored_and_never_pooled(
+    stray: bytes, same_read: bool
+) -> None:
+    pool = UpstreamPool()
+    conn = _Connection(pool, ("http", "agent", 80))
+    conn.connection_made(FakeTransport())  # type: ignore[arg-type]
+    head = conn.begin(GET, head_only=False)
+
+    if same_read:
+        conn.data_received(OK_2 + stray)
+    else:
+        conn.data_received(OK_2)
+        conn.data_received(stray)
+
+    response = head.result()
+    assert response.headers == [(b"Content-Length", b"2")]
+    assert await body_of(response) == b"ok"
+    assert not conn.reusable()
+    assert conn.closed
+
+
+@pytest.mark.parametrize("stray", STRAY, ids=["response", "half-head", "garbage"])
+async def test_upstream_stray_bytes_do_not_fail_the_next_request(
+    pool: UpstreamPool, serve: Callable[..., Awaitable[Upstream]], stray: bytes
+) -> None:
+    hello = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
+    upstream = await serve(in_turn(OK_2 + stray, hello))
+
+    assert await body_of(await get(pool, upstream)) == b"ok"
+    assert await body_of(await get(pool, upstream)) == b"hello"
+    assert len(upstream.peers) == 2
+
+
+def head_of_size(size: int) -> bytes:
+    """A response head of exactly ``size`` bytes announcing a 2-byte body."""
+    start = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Pad: "
+    return start + b"p" * (size - len(start) - 4) + b"\r\n\r\n"
+
+
+@pytest.mark.parametrize("interim", [b"", b"HTTP/1.1 100 Continue\r\n\r\n"])
+async def test_upstream_response_head_up_to_the_cap_is_accepted(
+    pool: UpstreamPool, serve: Callable[..., Awaitable[Upstream]], interim: bytes
+) -> None:
+    answer = interim + head_of_size(MAX_HEAD_SIZE - len(interim)) + b"ok"
+    upstream = await serve(answering(answer, answer))
+
+    for _ in range(2):
+        response = await get(pool, upstream)
+        assert response.status == 200
+        assert await body_of(response) == b"ok"
+    assert len(upstream.peers) == 1
+
+
+async def test_upstream_response_head_beyond_the_cap_fails_and_closes(
+    pool: UpstreamPool, serve: Callable[..., Awaitable[Upstream]]
+) -> None:
+    upstream = await serve(answering(head_of_size(MAX_HEAD_SIZE + 1) + b"ok"))
+
+    with pytest.raises(UpstreamError) as caught:
+        await get(pool, upstream)
+    assert type(caught.value) is UpstreamError
+    assert str(caught.value) == "response head too large"
+    await until(lambda: upstream.closed == 1)
+
+
+async def test_upstream_endless_header_line_fails_without_waiting_for_timeout(
+    pool: UpstreamPool, serve: Callable[..., Awaitable[Upstream]]
+) -> None:
+    async def handler(peer: Peer) -> None:
+        await peer.head()
+        await peer.send(b"HTTP/1.1 200 OK\r\nX-Endless: ")
+        while True:
+            await peer.send(b"a" * 4096)
+
+    upstream = await serve(handler)
+    with pytest.raises(UpstreamError) as caught:
+        await get(pool, upstream, timeout_s=300)
+    assert str(caught.value) == "response head too large"
+    await until(lambda: upstream.closed == 1)
 
 
 # -- responses without a body ----------------------------------------------------
@@ -514,6 +641,29 @@ async def test_upstream_closing_mid_body_is_an_error_never_a_short_body(
             received += await response.read(5)
     assert type(caught.value) is UpstreamError
     assert received == b"hello"
+
+
+async def test_upstream_reset_during_close_delimited_body_is_an_error(
+    pool: UpstreamPool, serve: Callable[..., Awaitable[Upstream]]
+) -> None:
+    sent = asyncio.Event()
+
+    async def handler(peer: Peer) -> None:
+        await peer.head()
+        await peer.send(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\npart")
+        await sent.wait()
+        # Linger 0: the close is a reset (RST), not an end of stream (FIN).
+        sock = peer.writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        peer.writer.transport.abort()
+
+    upstream = await serve(handler)
+    response = await get(pool, upstream)
+    assert await response.read(5) == b"part"
+    sent.set()
+    with pytest.raises(UpstreamError) as caught:
+        await response.read(5)
+    assert type(caught.value) is UpstreamError
 
 
 # -- streaming and flow control --------------------------------------------------
