@@ -50,7 +50,13 @@ def _traffic_server(settings: GatewaySettings, proxy: Proxy) -> TrafficServer:
 
 
 async def serve(settings: GatewaySettings, on_ready: Callable[[], None]) -> None:
-    """Run one worker until SIGTERM, then drain and clean up."""
+    """Run one worker until SIGTERM, then drain and clean up.
+
+    The traffic port is bound only once the first snapshot is applied: a
+    worker without policies would answer 404 for every deployed agent. While
+    the store cannot be reached at start, the worker keeps retrying it and
+    takes no traffic; the other workers of the gateway serve meanwhile.
+    """
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
@@ -58,29 +64,49 @@ async def serve(settings: GatewaySettings, on_ready: Callable[[], None]) -> None
     idps: IdentityProviderSink | None = _identity_providers()
     table = PolicyTable(idps)
     store = open_store(settings.store)
-    sync = PolicySync(store, settings.environment, table, on_ready)
+    loaded = asyncio.Event()
+    sync = PolicySync(store, settings.environment, table, loaded.set)
     proxy = Proxy(table, connection_limit=settings.upstream_connection_limit)
     await proxy.start()
-
-    runner = web.ServerRunner(
-        _traffic_server(settings, proxy),
-        handle_signals=False,
-        shutdown_timeout=settings.drain_grace_s,
-    )
-    await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.port, reuse_port=True)
-    await site.start()
     sync.start()
     flusher = asyncio.create_task(_flush_metrics())
-    gateway_log.info("worker serving %s:%d", settings.host, settings.port)
 
-    await stop.wait()
-    gateway_log.info("worker draining (up to %.1f s)", settings.drain_grace_s)
-    await runner.cleanup()
+    if await _loaded_before_stop(loaded, stop):
+        server = _traffic_server(settings, proxy)
+        runner = await _listen(settings, server)
+        on_ready()
+        await stop.wait()
+        await _drain(runner, settings.drain_grace_s)
+
     flusher.cancel()
     flush()  # the drained requests count too
     await _close(sync, proxy, idps, store)
     gateway_log.info("worker stopped")
+
+
+async def _loaded_before_stop(loaded: asyncio.Event, stop: asyncio.Event) -> bool:
+    """Wait for the first snapshot; False when SIGTERM comes first."""
+    waits = [asyncio.create_task(loaded.wait()), asyncio.create_task(stop.wait())]
+    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    for task in waits:
+        task.cancel()
+    return not stop.is_set()
+
+
+async def _listen(settings: GatewaySettings, server: TrafficServer) -> web.ServerRunner:
+    runner = web.ServerRunner(
+        server, handle_signals=False, shutdown_timeout=settings.drain_grace_s
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, settings.host, settings.port, reuse_port=True)
+    await site.start()
+    gateway_log.info("worker serving %s:%d", settings.host, settings.port)
+    return runner
+
+
+async def _drain(runner: web.ServerRunner, grace_s: float) -> None:
+    gateway_log.info("worker draining (up to %.1f s)", grace_s)
+    await runner.cleanup()
 
 
 async def _flush_metrics() -> None:
