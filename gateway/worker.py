@@ -21,6 +21,9 @@ from gateway.sync import PolicySync
 
 __all__ = ["run_worker", "serve"]
 
+#: How long handlers cut at the end of a drain get to close their connections.
+_CLOSE_S = 1.0
+
 
 def _identity_providers() -> Any:
     """The worker's identity providers, or None while OAuth is not available.
@@ -76,7 +79,7 @@ async def serve(settings: GatewaySettings, on_ready: Callable[[], None]) -> None
         runner = await _listen(settings, server)
         on_ready()
         await stop.wait()
-        await _drain(runner, settings.drain_grace_s)
+        await _drain(runner, server, settings.drain_grace_s)
 
     flusher.cancel()
     flush()  # the drained requests count too
@@ -94,9 +97,9 @@ async def _loaded_before_stop(loaded: asyncio.Event, stop: asyncio.Event) -> boo
 
 
 async def _listen(settings: GatewaySettings, server: TrafficServer) -> web.ServerRunner:
-    runner = web.ServerRunner(
-        server, handle_signals=False, shutdown_timeout=settings.drain_grace_s
-    )
+    # The drain keeps the grace itself (see _drain); what aiohttp's own
+    # shutdown then finds is closed within a moment.
+    runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=_CLOSE_S)
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port, reuse_port=True)
     await site.start()
@@ -104,8 +107,34 @@ async def _listen(settings: GatewaySettings, server: TrafficServer) -> web.Serve
     return runner
 
 
-async def _drain(runner: web.ServerRunner, grace_s: float) -> None:
+async def _drain(
+    runner: web.ServerRunner, server: TrafficServer, grace_s: float
+) -> None:
+    """Stop accepting, let in-flight requests finish within the grace, cut the rest.
+
+    aiohttp's shutdown alone would wait the grace, then only ask the handlers
+    to stop (one awaiting its upstream does not notice) and wait as long
+    again. Cancelling a handler closes its upstream and the caller's
+    connection, so a cut stream never passes for a complete one.
+    """
     gateway_log.info("worker draining (up to %.1f s)", grace_s)
+    for site in list(runner.sites):
+        await site.stop()
+    server.pre_shutdown()  # idle connections close now, busy ones when done
+
+    busy = [
+        task
+        for connection in server.connections
+        if (task := connection._task_handler) is not None and not task.done()
+    ]
+    late: set[asyncio.Task[None]] = set()
+    if busy:
+        _, late = await asyncio.wait(busy, timeout=grace_s)
+    if late:
+        gateway_log.warning("drain grace over: cutting %d request(s)", len(late))
+        for task in late:
+            task.cancel()
+        await asyncio.wait(late, timeout=_CLOSE_S)
     await runner.cleanup()
 
 

@@ -7,8 +7,12 @@ import collections
 import os
 import re
 import signal
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
 
 import aiohttp
+import pytest
 
 from gateway.store import Store, open_store
 from tests.fixtures.stack import (
@@ -16,6 +20,7 @@ from tests.fixtures.stack import (
     GatewayFactory,
     GatewayProcess,
     commit_agent,
+    start_gateway,
 )
 from tests.fixtures.stores import RedisServer
 
@@ -118,3 +123,116 @@ async def test_worker_restarted_answers_only_once_loaded(
         assert set(seen) == {200}
     finally:
         await store.close()
+
+
+# -- the drain --------------------------------------------------------------------
+
+
+class SilentAgent:
+    """An agent that starts a stream, then says nothing until the gateway hangs up."""
+
+    def __init__(self) -> None:
+        self.hung_up = asyncio.Event()
+        self.server: asyncio.Server | None = None
+        self.url = ""
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def _serve(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n8\r\ndata: 1\n\r\n"
+        )
+        await writer.drain()
+        await reader.read()  # b"" once the gateway closes the connection
+        self.hung_up.set()
+        writer.close()
+
+    def close(self) -> None:
+        assert self.server is not None
+        self.server.close()
+
+
+@pytest.fixture
+async def silent_agent() -> AsyncIterator[SilentAgent]:
+    agent = SilentAgent()
+    await agent.start()
+    yield agent
+    agent.close()
+
+
+async def _drain_gateway(
+    tmp_path: Path, store_path: Path, environment: str, grace_s: float
+) -> GatewayProcess:
+    return await start_gateway(
+        tmp_path,
+        store=str(store_path),
+        environment=environment,
+        extra_env={"AGW_DRAIN_GRACE_S": str(grace_s)},
+    )
+
+
+async def _exit_code(gateway: GatewayProcess) -> tuple[int, float]:
+    started = time.monotonic()
+    gateway.terminate()
+    code = await asyncio.to_thread(gateway.process.wait, 30)
+    return code, time.monotonic() - started
+
+
+async def test_worker_drain_cuts_a_silent_stream_at_the_grace(
+    tmp_path: Path,
+    embedded_path: Path,
+    environment: str,
+    silent_agent: SilentAgent,
+) -> None:
+    store = open_store(str(embedded_path))
+    await commit_agent(store, environment, "p", "a", silent_agent.url, timeout_s=60)
+    await store.close()
+    gateway = await _drain_gateway(tmp_path, embedded_path, environment, 3.0)
+    try:
+        url = f"{gateway.url}/p/a/events"
+        async with aiohttp.ClientSession() as http, http.get(url) as response:
+            assert await response.content.readuntil(b"\n") == b"data: 1\n"
+            code, elapsed = await _exit_code(gateway)
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await response.read()
+        await asyncio.wait_for(silent_agent.hung_up.wait(), 5)
+    finally:
+        gateway.stop()
+
+    assert code == 0
+    # aiohttp's own shutdown took twice the grace, then the worker was killed.
+    assert 3.0 <= elapsed < 3.0 + 2.5
+    assert "cutting 1 request(s)" in gateway.log()
+    assert "did not stop; killing" not in gateway.log()
+
+
+async def test_worker_drain_lets_a_stream_finish_within_the_grace(
+    tmp_path: Path,
+    embedded_path: Path,
+    environment: str,
+    upstream_agent: AgentProcess,
+) -> None:
+    store = open_store(str(embedded_path))
+    await commit_agent(store, environment, "p", "a", upstream_agent.url)
+    await store.close()
+    gateway = await _drain_gateway(tmp_path, embedded_path, environment, 10.0)
+    try:
+        async with aiohttp.ClientSession() as http:
+            url = f"{gateway.url}/p/a/drip?count=4&gap=0.25"
+            async with http.get(url) as response:
+                assert response.status == 200
+                gateway.terminate()
+                body = await response.read()
+        code = await asyncio.to_thread(gateway.process.wait, 30)
+    finally:
+        gateway.stop()
+
+    assert body == b"chunk 0\nchunk 1\nchunk 2\nchunk 3\n"
+    assert code == 0
+    assert "cutting" not in gateway.log()
