@@ -21,19 +21,26 @@ from aiohttp import web
 from controlplane.app import create_app
 from gateway import flags
 from gateway.log import controlplane_log
-from gateway.store import open_store
+from gateway.store import Store, StoreUnavailable, open_store
 
 __all__ = [
+    "embedded_store_problem",
     "main",
     "parse_args",
     "read_admin_token",
     "store_kind",
 ]
 
+#: How long the start waits for the store's first answer.
+_STORE_CHECK_S = 5.0
+
 _HOW_TO_CONFIGURE = (
     "controlplane: no admin token. Give one with --admin-token-file FILE "
     "(or AGW_ADMIN_TOKEN_FILE), or --admin-token TOKEN (or AGW_ADMIN_TOKEN)."
 )
+
+#: Exit code when the process cannot start as configured (argparse's too).
+USAGE_ERROR = 2
 
 #: Each flag but the admin token's, with its parser and default.
 _FLAGS: dict[str, tuple[Callable[[str], object], object, str]] = {
@@ -114,8 +121,37 @@ def store_kind(location: str) -> str:
     return "redis" if _is_redis(location) else f"embedded ({location})"
 
 
+def embedded_store_problem(location: str) -> str | None:
+    """Why an embedded store's directory is unusable, or None when it is fine.
+
+    Such a store is a configuration error, so the control plane refuses to
+    start rather than answer 503 forever. (Redis may just not be up yet.)
+    """
+    directory = Path(location)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        return f"cannot create the store directory {location}: {error.strerror}"
+    if not os.access(directory, os.R_OK | os.W_OK | os.X_OK):
+        return f"cannot write to the store directory {location}"
+    return None
+
+
+async def _check_store(store: Store) -> None:
+    """Say at start why the store does not answer, if it does not."""
+    try:
+        async with asyncio.timeout(_STORE_CHECK_S):
+            await store.get("controlplane/start")
+    except (StoreUnavailable, TimeoutError) as error:
+        cause = str(error) or "no answer in time"
+        controlplane_log.warning(
+            "store unavailable (%s): answering 503 until it is back", cause
+        )
+
+
 async def serve(args: argparse.Namespace, token: str) -> None:
     store = open_store(args.store)
+    await _check_store(store)
     runner = web.AppRunner(create_app(store, token), access_log=None)
     await runner.setup()
     try:
@@ -158,4 +194,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(f"controlplane: cannot read the admin token file: {error.strerror}")
     if token is None:
         sys.exit(_HOW_TO_CONFIGURE)
+    problem = None if _is_redis(args.store) else embedded_store_problem(args.store)
+    if problem is not None:
+        print(f"controlplane: {problem}", file=sys.stderr)
+        sys.exit(USAGE_ERROR)
     uvloop.run(serve(args, token))

@@ -186,8 +186,9 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
                 "concurrent_change", "Another change won; retry", {"key": error.key}
             )
         )
-    except StoreUnavailable:
-        controlplane_log.warning("store unavailable during %s", request.path)
+    except StoreUnavailable as error:
+        # The cause names the store's host or directory, never a password.
+        controlplane_log.warning("store unavailable during %s: %s", request.path, error)
         return _from_api_error(Unavailable("The store cannot be reached; retry"))
     except web.HTTPException as error:
         return _from_http_exception(error)

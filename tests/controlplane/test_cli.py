@@ -8,12 +8,14 @@ import re
 import signal
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
 
 from controlplane.cli import parse_args, read_admin_token
+from tests.fixtures.stack import free_port
 
 TOKEN = "cli-admin-token-5f2a9c"
 
@@ -160,3 +162,57 @@ def test_cli_bad_port_is_a_usage_error_not_a_traceback(tmp_path: Path) -> None:
         "python -m controlplane: error: argument --port: not a port (0 to 65535): 'abc'"
     )
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("store", "reason"),
+    [
+        ("/proc/agw-store", "No such file or directory"),
+        ("file/store", "Not a directory"),
+    ],
+)
+def test_cli_refuses_an_embedded_store_it_cannot_create(
+    tmp_path: Path, store: str, reason: str
+) -> None:
+    (tmp_path / "file").write_text("a regular file\n")
+    location = store if store.startswith("/") else str(tmp_path / store)
+
+    done = _run("--store", location, "--admin-token", TOKEN, "--port", "0")
+
+    assert done.returncode == 2
+    assert done.stderr == (
+        f"controlplane: cannot create the store directory {location}: {reason}\n"
+    )
+
+
+def test_cli_on_unreachable_redis_starts_and_logs_why(tmp_path: Path) -> None:
+    port = free_port()  # nothing listens there
+    store = f"redis://:redis-password-4e1b@127.0.0.1:{port}/0"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "controlplane", "--store", store, "--port", "0"],
+        env={**_environ(), "AGW_ADMIN_TOKEN": TOKEN},
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stderr is not None
+        start = ""
+        while "listening" not in start and process.poll() is None:
+            start += process.stderr.readline()
+        url = re.search(r"listening on (http://\S+/api/v1)", start)
+        assert url is not None, start
+        request = urllib.request.Request(
+            url.group(1) + "/environments", headers={"Authorization": f"Bearer {TOKEN}"}
+        )
+        with pytest.raises(urllib.error.HTTPError) as answer:
+            urllib.request.urlopen(request, timeout=30)
+        answer.value.close()
+        assert answer.value.code == 503
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, rest = process.communicate(timeout=30)
+
+    refused = f"redis: Error 111 connecting to 127.0.0.1:{port}. Connection refused."
+    assert f"store unavailable ({refused}): answering 503 until it is back" in start
+    assert f"store unavailable during /api/v1/environments: {refused}" in rest
+    assert "redis-password-4e1b" not in start + rest
