@@ -18,7 +18,7 @@ from pathlib import Path
 import uvloop
 from aiohttp import web
 
-from controlplane.app import create_app
+from controlplane.app import ApiRunner, create_app
 from gateway import flags
 from gateway.log import controlplane_log
 from gateway.store import Store, StoreUnavailable, open_store
@@ -152,7 +152,7 @@ async def _check_store(store: Store) -> None:
 async def serve(args: argparse.Namespace, token: str) -> None:
     store = open_store(args.store)
     await _check_store(store)
-    runner = web.AppRunner(create_app(store, token), access_log=None)
+    runner = ApiRunner(create_app(store, token), access_log=None)
     await runner.setup()
     try:
         site = web.TCPSite(runner, args.host, args.port)
