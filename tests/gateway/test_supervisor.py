@@ -16,6 +16,7 @@ from tests.fixtures.stack import (
     ROOT,
     AgentProcess,
     GatewayFactory,
+    ServiceProcess,
     commit_agent,
     free_port,
 )
@@ -73,3 +74,39 @@ async def test_supervisor_refuses_a_port_any_program_listens_on(
 
     assert code == 1
     assert f"cannot start: port {port} on 127.0.0.1 is in use" in log
+
+
+def _closed_by_server(port: int) -> bytes:
+    """One request the gateway answers and then hangs up: TIME_WAIT on its side."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"GET /p/a/x HTTP/1.1\r\nHost: g\r\nConnection: close\r\n\r\n")
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return answer
+
+
+async def test_supervisor_starts_again_on_a_port_left_in_time_wait(
+    tmp_path: Path,
+    gateway_factory: GatewayFactory,
+    embedded_path: Path,
+    environment: str,
+) -> None:
+    first = await gateway_factory(store=str(embedded_path), environment=environment)
+    for _ in range(3):
+        answer = await asyncio.to_thread(_closed_by_server, first.port)
+        assert answer.startswith(b"HTTP/1.1 404 ")
+    assert first.stop() == 0
+
+    args = [sys.executable, "-m", "gateway", "--store", str(embedded_path)]
+    args += ["--environment", environment, "--port", str(first.port)]
+    args += ["--admin-port", str(free_port())]
+    again = ServiceProcess(args, tmp_path / "again.log", {})
+    try:
+        await again.wait_http(
+            f"http://127.0.0.1:{args[-1]}/readyz", lambda status: status == 200
+        )
+        answer = await asyncio.to_thread(_closed_by_server, first.port)
+        assert answer.startswith(b"HTTP/1.1 404 ")
+    finally:
+        assert again.stop() == 0
