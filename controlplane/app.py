@@ -1,4 +1,8 @@
-"""The control-plane application: middlewares, state and every resource's routes."""
+"""The control-plane application: middlewares, state, every resource's routes.
+
+:class:`ApiRunner` serves it with malformed requests answered in the API's
+error shape too.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ from typing import Any
 import aiohttp
 import msgspec
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
 
 from controlplane import (
     apikeys,
@@ -22,12 +27,12 @@ from controlplane import (
     projects,
 )
 from controlplane.admin import admin_auth_middleware
-from controlplane.errors import error_middleware
+from controlplane.errors import error_middleware, malformed_request_response
 from controlplane.routing import Route, register
 from controlplane.state import HTTP_CLIENT, OPENAPI, ROUTES, SETTINGS, STORE, Settings
 from gateway.store import Store
 
-__all__ = ["MAX_BODY_BYTES", "RESOURCES", "create_app"]
+__all__ = ["MAX_BODY_BYTES", "RESOURCES", "ApiRunner", "create_app"]
 
 #: Resource modules, each exposing ``routes`` (and ``setup(app)`` when it keeps
 #: state in the process); a new resource is one more entry.
@@ -78,3 +83,41 @@ def create_app(store: Store, admin_token: str) -> web.Application:
 
     app.cleanup_ctx.append(_http_client)
     return app
+
+
+class _ApiRequestHandler(RequestHandler):
+    """aiohttp's connection handler, answering malformed HTTP in our shape."""
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        response = malformed_request_response(exc)
+        if response is None:
+            return super().handle_error(request, status, exc, message)
+        return response
+
+
+class _ApiServer(web.Server):
+    def __call__(self) -> RequestHandler:
+        # web.Server builds its handler from these; ours takes the same
+        # arguments, so every limit and timeout configured still applies.
+        kwargs: dict[str, Any] = self._kwargs
+        return _ApiRequestHandler(self, loop=self._loop, **kwargs)
+
+
+class ApiRunner(web.AppRunner):
+    """Runs the control-plane app; malformed requests get the API's error shape."""
+
+    async def _make_server(self) -> web.Server:
+        made = await super()._make_server()
+        kwargs: dict[str, Any] = made._kwargs
+        return _ApiServer(
+            made.request_handler,
+            request_factory=made.request_factory,
+            handler_cancellation=made.handler_cancellation,
+            **kwargs,
+        )

@@ -3,6 +3,8 @@
 Every handler raises an :class:`ApiError` leaf carrying what the answer needs;
 :func:`error_middleware` turns it, aiohttp's own HTTP errors and anything
 unexpected into the one error shape ``{"error", "message", "details"}``.
+:func:`malformed_request_response` does the same for HTTP that could not be
+parsed, and so never reached a handler.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from typing import Any
 
 import msgspec
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 
 from gateway.log import controlplane_log
 from gateway.store import StoreConflict, StoreUnavailable
@@ -27,6 +30,7 @@ __all__ = [
     "ValidationFailed",
     "error_middleware",
     "error_response",
+    "malformed_request_response",
 ]
 
 _encoder = msgspec.json.Encoder()
@@ -186,8 +190,9 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
                 "concurrent_change", "Another change won; retry", {"key": error.key}
             )
         )
-    except StoreUnavailable:
-        controlplane_log.warning("store unavailable during %s", request.path)
+    except StoreUnavailable as error:
+        # The cause names the store's host or directory, never a password.
+        controlplane_log.warning("store unavailable during %s: %s", request.path, error)
         return _from_api_error(Unavailable("The store cannot be reached; retry"))
     except web.HTTPException as error:
         return _from_http_exception(error)
@@ -196,4 +201,26 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
             "unexpected error in %s %s", request.method, request.path
         )
         return error_response(500, "internal_error", "Internal error")
+    return response
+
+
+def malformed_request_response(error: BaseException | None) -> web.Response | None:
+    """The answer to HTTP that aiohttp could not parse; None for other errors.
+
+    aiohttp's own answer quotes the start of the offending line (an
+    ``Authorization`` header, say) and logs it with a traceback; this one
+    says only what kind of request it was, and nothing is logged.
+    """
+    if isinstance(error, LineTooLong):
+        response = error_response(
+            431,
+            "header_too_large",
+            "A request header line is longer than the API accepts",
+        )
+    elif isinstance(error, HttpProcessingError):
+        response = error_response(400, "bad_request", "Malformed HTTP request")
+    else:
+        return None
+
+    response.force_close()
     return response

@@ -52,7 +52,9 @@ class Stack:
         self.processes.append(process)
 
     def start_all(self) -> None:
-        store = str(self.data_dir / "store")
+        # The data directory is the store itself, so that a process started by
+        # hand from here with the default --store (./.agw-data) shares it.
+        store = str(self.data_dir)
         self.start(
             "demo-agent", "deploy/demo_agent.py", "--port", str(self.ports["agent"])
         )

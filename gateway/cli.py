@@ -6,9 +6,13 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import msgspec
+from msgspec.structs import FieldInfo
+
+from gateway import flags
 
 __all__ = ["GatewaySettings", "main", "parse_settings"]
 
@@ -31,22 +35,26 @@ class GatewaySettings(msgspec.Struct, frozen=True, kw_only=True):
     upstream_connection_limit: int = 0
 
 
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
+#: The range of --max-header-size: a JWT must fit, and so must the parser's limits.
+MAX_HEADER_SIZES = (1024, 1024 * 1024)
 
+_DEFAULTS: dict[str, object] = {"store": "./.agw-data"}
 
-def _env_name(name: str) -> str:
-    return "AGW_" + name.upper()
-
-
-def _bool(value: str) -> bool:
-    lowered = value.strip().lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off", ""):
-        return False
-    raise argparse.ArgumentTypeError(f"not a boolean: {value!r}")
-
+_TYPES: dict[str, Callable[[str], object]] = {
+    "store": flags.text,
+    "environment": flags.environment_name,
+    "host": flags.text,
+    "port": flags.port,
+    "admin_host": flags.text,
+    "admin_port": flags.port,
+    "workers": flags.count(1),
+    "max_header_size": flags.count(*MAX_HEADER_SIZES),
+    "header_timeout_s": flags.positive_seconds,
+    "drain_grace_s": flags.seconds,
+    "log_level": flags.log_level,
+    "access_log": flags.boolean,
+    "upstream_connection_limit": flags.count(0),
+}
 
 _HELP = {
     "store": "Redis URL (redis://, rediss://, unix://) or embedded-store directory",
@@ -60,9 +68,31 @@ _HELP = {
     "header_timeout_s": "seconds a caller may take to send a request head",
     "drain_grace_s": "seconds in-flight requests may finish after SIGTERM",
     "log_level": "DEBUG, INFO, WARNING or ERROR",
-    "access_log": "log one line per request (true/false)",
+    "access_log": "log one line per request",
     "upstream_connection_limit": "pooled upstream connections per worker, 0: no cap",
 }
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _env_name(name: str) -> str:
+    return "AGW_" + name.upper()
+
+
+def _default(
+    parser: argparse.ArgumentParser, environ: Mapping[str, str], field: FieldInfo
+) -> object:
+    """The flag's AGW_* variable, else its default; None when it has neither."""
+    value = flags.from_environment(
+        parser, environ, _env_name(field.name), _TYPES[field.name]
+    )
+    if value is not None:
+        return value
+    if field.default is not msgspec.NODEFAULT:
+        return field.default
+    return _DEFAULTS.get(field.name)
 
 
 def _parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
@@ -70,19 +100,18 @@ def _parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         prog="python -m gateway",
         description="Agent Gateway data plane. Every flag also reads AGW_<FLAG>.",
     )
-    defaults: dict[str, object] = {"store": "./.agw-data"}
     for field in msgspec.structs.fields(GatewaySettings):
-        default = environ.get(_env_name(field.name), defaults.get(field.name))
-        if field.default is not msgspec.NODEFAULT:
-            default = environ.get(_env_name(field.name), field.default)
-        kind = _bool if field.type is bool else field.type
+        default = _default(parser, environ, field)
+        options: dict[str, Any] = {"type": _TYPES[field.name]}
+        if field.type is bool:
+            options = {"action": argparse.BooleanOptionalAction}
         parser.add_argument(
             _flag(field.name),
             dest=field.name,
-            type=kind,
             default=default,
             required=default is None,
             help=f"{_HELP[field.name]} (env {_env_name(field.name)})",
+            **options,
         )
     return parser
 
@@ -90,16 +119,14 @@ def _parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
 def parse_settings(
     argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
 ) -> GatewaySettings:
-    """Settings from flags, falling back to AGW_* variables, then defaults."""
-    env = os.environ if environ is None else environ
-    parser = _parser(env)
-    args = parser.parse_args(argv)
+    """Settings from flags, falling back to AGW_* variables, then defaults.
 
-    # argparse converts string defaults (those read from AGW_*) with `type`.
-    settings = GatewaySettings(**vars(args))
-    if settings.workers < 1:
-        parser.error("--workers must be at least 1")
-    return settings
+    A bad value, of a flag or of its variable, is a usage error (exit code 2)
+    that names it.
+    """
+    env = os.environ if environ is None else environ
+    args = _parser(env).parse_args(argv)
+    return GatewaySettings(**vars(args))
 
 
 def configure_logging(level: str) -> None:

@@ -1,7 +1,8 @@
 """The gateway's parent process: starts workers, keeps them alive, stops them.
 
 Workers share the traffic port through SO_REUSEPORT, so the kernel spreads
-connections over them and a restarted worker simply binds again. The
+connections over them and a restarted worker simply binds again; the
+supervisor first makes sure that no one else holds the port. The
 supervisor serves the management port, restarts a worker that dies, and on
 SIGTERM (or SIGINT) asks every worker to drain and waits for them.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import multiprocessing
 import os
 import shutil
@@ -30,7 +32,7 @@ from gateway.log import gateway_log
 from gateway.management import Readiness, management_app
 from gateway.worker import run_worker
 
-__all__ = ["Supervisor", "run_supervisor"]
+__all__ = ["PortInUse", "Supervisor", "run_supervisor"]
 
 _POLL_S = 0.2
 _RESTART_DELAY_S = 1.0
@@ -159,15 +161,39 @@ def _forget(process: BaseProcess) -> None:
         mark_process_dead(process.pid)  # type: ignore[no-untyped-call]
 
 
-def _reserve_port(host: str, port: int) -> socket.socket:
-    """Bind (without listening) the traffic port to learn it and hold it.
+class PortInUse(Exception):
+    """The traffic port is already bound, by another gateway or any program."""
 
-    With port 0 this picks a free port that every worker then shares; a
-    bound socket that never listens receives no connections.
+    def __init__(self, host: str, port: int) -> None:
+        super().__init__(f"port {port} on {host} is in use")
+
+
+def _reserve_port(host: str, port: int) -> socket.socket:
+    """Claim the traffic port for this gateway alone and hold it.
+
+    A first bind without SO_REUSEPORT fails while anything else holds the
+    port, so a second gateway cannot silently join the first one's workers
+    and split its traffic. SO_REUSEADDR lets it pass over connections left
+    in TIME_WAIT by a previous run. The port is then held, bound but not
+    listening (so receiving nothing), with SO_REUSEPORT for the workers.
+
+    Known gap: another gateway starting in the instant between the two
+    binds could still join; closing it would take one socket owned by the
+    supervisor and passed to the workers instead of SO_REUSEPORT.
     """
     family, kind, proto, _, address = socket.getaddrinfo(
         host, port, type=socket.SOCK_STREAM
     )[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise PortInUse(host, port) from exc
+            raise
+        address = probe.getsockname()  # the port picked when asked for 0
+
     sock = socket.socket(family, kind, proto)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind(address)
@@ -184,7 +210,7 @@ def run_supervisor(settings: GatewaySettings) -> int:
             port = reserved.getsockname()[1]
             settings = msgspec.structs.replace(settings, port=port)
             return uvloop.run(Supervisor(settings, metrics_dir).run())
-    except OSError as exc:
+    except (PortInUse, OSError) as exc:
         gateway_log.error("cannot start: %s", exc)
         return 1
     finally:

@@ -21,6 +21,9 @@ from gateway.sync import PolicySync
 
 __all__ = ["run_worker", "serve"]
 
+#: How long handlers cut at the end of a drain get to close their connections.
+_CLOSE_S = 1.0
+
 
 def _identity_providers() -> Any:
     """The worker's identity providers, or None while OAuth is not available.
@@ -50,7 +53,13 @@ def _traffic_server(settings: GatewaySettings, proxy: Proxy) -> TrafficServer:
 
 
 async def serve(settings: GatewaySettings, on_ready: Callable[[], None]) -> None:
-    """Run one worker until SIGTERM, then drain and clean up."""
+    """Run one worker until SIGTERM, then drain and clean up.
+
+    The traffic port is bound only once the first snapshot is applied: a
+    worker without policies would answer 404 for every deployed agent. While
+    the store cannot be reached at start, the worker keeps retrying it and
+    takes no traffic; the other workers of the gateway serve meanwhile.
+    """
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
@@ -58,29 +67,75 @@ async def serve(settings: GatewaySettings, on_ready: Callable[[], None]) -> None
     idps: IdentityProviderSink | None = _identity_providers()
     table = PolicyTable(idps)
     store = open_store(settings.store)
-    sync = PolicySync(store, settings.environment, table, on_ready)
+    loaded = asyncio.Event()
+    sync = PolicySync(store, settings.environment, table, loaded.set)
     proxy = Proxy(table, connection_limit=settings.upstream_connection_limit)
     await proxy.start()
-
-    runner = web.ServerRunner(
-        _traffic_server(settings, proxy),
-        handle_signals=False,
-        shutdown_timeout=settings.drain_grace_s,
-    )
-    await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.port, reuse_port=True)
-    await site.start()
     sync.start()
     flusher = asyncio.create_task(_flush_metrics())
-    gateway_log.info("worker serving %s:%d", settings.host, settings.port)
 
-    await stop.wait()
-    gateway_log.info("worker draining (up to %.1f s)", settings.drain_grace_s)
-    await runner.cleanup()
+    if await _loaded_before_stop(loaded, stop):
+        server = _traffic_server(settings, proxy)
+        runner = await _listen(settings, server)
+        on_ready()
+        await stop.wait()
+        await _drain(runner, server, settings.drain_grace_s)
+
     flusher.cancel()
     flush()  # the drained requests count too
     await _close(sync, proxy, idps, store)
     gateway_log.info("worker stopped")
+
+
+async def _loaded_before_stop(loaded: asyncio.Event, stop: asyncio.Event) -> bool:
+    """Wait for the first snapshot; False when SIGTERM comes first."""
+    waits = [asyncio.create_task(loaded.wait()), asyncio.create_task(stop.wait())]
+    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    for task in waits:
+        task.cancel()
+    return not stop.is_set()
+
+
+async def _listen(settings: GatewaySettings, server: TrafficServer) -> web.ServerRunner:
+    # The drain keeps the grace itself (see _drain); what aiohttp's own
+    # shutdown then finds is closed within a moment.
+    runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=_CLOSE_S)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.host, settings.port, reuse_port=True)
+    await site.start()
+    gateway_log.info("worker serving %s:%d", settings.host, settings.port)
+    return runner
+
+
+async def _drain(
+    runner: web.ServerRunner, server: TrafficServer, grace_s: float
+) -> None:
+    """Stop accepting, let in-flight requests finish within the grace, cut the rest.
+
+    aiohttp's shutdown alone would wait the grace, then only ask the handlers
+    to stop (one awaiting its upstream does not notice) and wait as long
+    again. Cancelling a handler closes its upstream and the caller's
+    connection, so a cut stream never passes for a complete one.
+    """
+    gateway_log.info("worker draining (up to %.1f s)", grace_s)
+    for site in list(runner.sites):
+        await site.stop()
+    server.pre_shutdown()  # idle connections close now, busy ones when done
+
+    busy = [
+        task
+        for connection in server.connections
+        if (task := connection._task_handler) is not None and not task.done()
+    ]
+    late: set[asyncio.Task[None]] = set()
+    if busy:
+        _, late = await asyncio.wait(busy, timeout=grace_s)
+    if late:
+        gateway_log.warning("drain grace over: cutting %d request(s)", len(late))
+        for task in late:
+            task.cancel()
+        await asyncio.wait(late, timeout=_CLOSE_S)
+    await runner.cleanup()
 
 
 async def _flush_metrics() -> None:
