@@ -144,10 +144,9 @@ class _RelayResponse(web.StreamResponse):
             headers.popall("Server", None)
 
         version = self._caller.version
-        lines = [f"HTTP/{version.major}.{version.minor} {self.status} {self.reason}"]
-        lines.extend(f"{name}: {value}" for name, value in headers.items())
-        lines.append("\r\n")
-        head = "\r\n".join(lines).encode("latin-1")
+        status = f"HTTP/{version.major}.{version.minor} {self.status} {self.reason}\r\n"
+        lines = "".join([f"{name}: {value}\r\n" for name, value in headers.items()])
+        head = (status + lines + "\r\n").encode("latin-1")
 
         # Handed to aiohttp's writer as its write_headers() would, so that
         # its framing of the body stays its own and, when coalescing, the
