@@ -9,7 +9,6 @@ when a fetch fails.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Final
@@ -29,7 +28,6 @@ from gateway.tokens import (
 
 __all__ = [
     "FETCH_TIMEOUT_S",
-    "MAX_CANDIDATES",
     "MAX_DOCUMENT_BYTES",
     "MAX_KEYS",
     "REFETCH_COOLDOWN_S",
@@ -51,10 +49,6 @@ MIN_RSA_BITS: Final = 2048
 #: Usable keys kept of one set, as many as an inline set may hold. Parsing
 #: stops there, so a huge set costs no more than this many keys.
 MAX_KEYS: Final = 64
-#: Keys one token may try. Only a token without ``kid`` (or a kid shared by
-#: several keys) has more than one; the bound keeps what a forged one costs
-#: to a few verifications. Identity providers list their current keys first.
-MAX_CANDIDATES: Final = 4
 
 
 class FetchError(Exception):
@@ -189,13 +183,14 @@ class KeySet:
         self.by_kid = {kid: tuple(ks) for kid, ks in by_kid.items()}
 
     def candidates(self, alg: str, kid: str | None) -> tuple[VerificationKey, ...]:
-        """Keys to try for a token, at most :data:`MAX_CANDIDATES`, in set order.
+        """Keys to try for a token, in set order; empty for an unknown ``kid``.
 
-        Empty when the token's ``kid`` is unknown.
+        A token without ``kid`` tries every key that fits its algorithm, as
+        the contract says: a forged one costs up to :data:`MAX_KEYS`
+        verifications, which is why a set is held to that many keys.
         """
         keys = self.keys if kid is None else self.by_kid.get(kid, ())
-        fitting = (k for k in keys if alg in k.algorithms)
-        return tuple(itertools.islice(fitting, MAX_CANDIDATES))
+        return tuple([k for k in keys if alg in k.algorithms])
 
     def has_kid(self, kid: str) -> bool:
         return kid in self.by_kid

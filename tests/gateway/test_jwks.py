@@ -16,7 +16,6 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.auth import AuthFailure
 from gateway.jwks import (
-    MAX_CANDIDATES,
     MAX_DOCUMENT_BYTES,
     MAX_KEYS,
     Keyring,
@@ -123,12 +122,13 @@ def test_parse_jwks_keeps_the_first_max_keys_usable_keys(
     ]
 
 
-def test_keyset_candidates_are_bounded_in_set_order() -> None:
+def test_keyset_candidates_are_every_fitting_key_in_set_order() -> None:
     keys = parse_jwks("idp", {"keys": [jwk(ec_key("P-256", n)) for n in range(10)]})
     shared = parse_jwks("idp", {"keys": [jwk(EC_A, "same")] * 10})
-    assert keys.candidates("ES256", None) == keys.keys[:MAX_CANDIDATES]
-    assert shared.candidates("ES256", "same") == shared.keys[:MAX_CANDIDATES]
+    assert keys.candidates("ES256", None) == keys.keys
+    assert shared.candidates("ES256", "same") == shared.keys
     assert keys.candidates("RS256", None) == ()
+    assert keys.candidates("ES256", "unknown") == ()
 
 
 # --- a JWKS server of the test's own ----------------------------------------------

@@ -476,7 +476,7 @@ async def test_authenticate_two_idps_of_one_issuer_first_named_wins(
     }
 
 
-async def test_authenticate_token_without_kid_tries_at_most_four_keys(
+async def test_authenticate_token_without_kid_tries_every_fitting_key(
     idps: IdentityProviders, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     keys = [ec_key("P-256", n) for n in range(10, 20)]
@@ -490,14 +490,16 @@ async def test_authenticate_token_without_kid_tries_at_most_four_keys(
     monkeypatch.setattr("gateway.oauth.verify_signature", counting)
     auth = OAuthAuthenticator(oauth(), idps)
     identity = await auth.authenticate(
-        headers("Bearer " + sign(keys[3], "ES256", None))
+        headers("Bearer " + sign(keys[9], "ES256", None))
     )
     assert identity.headers[2] == ("X-Auth-Identity-Provider", "idp-a")
+    assert len(tried) == 10
     tried.clear()
 
-    failure = await refused(auth, "Bearer " + sign(keys[4], "ES256", None))
+    forged = sign(ec_key("P-256", 99), "ES256", None)
+    failure = await refused(auth, "Bearer " + forged)
     assert failure.headers == {"WWW-Authenticate": challenge("invalid signature")}
-    assert len(tried) == 4
+    assert len(tried) == 10
 
 
 # --- identity provider updates --------------------------------------------------
