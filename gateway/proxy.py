@@ -15,7 +15,7 @@ from typing import Any, cast
 
 import msgspec
 from aiohttp import web
-from aiohttp.http import RawRequestMessage
+from aiohttp.http import HttpVersion10, HttpVersion11, RawRequestMessage
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 from aiohttp.http_writer import StreamWriter
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
@@ -42,6 +42,7 @@ __all__ = [
 ]
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_VERSIONS = (HttpVersion10, HttpVersion11)
 
 _json = msgspec.json.Encoder()
 
@@ -133,6 +134,14 @@ class _RelayResponse(web.StreamResponse):
         )
         self._caller = request
         self._coalesce = coalesce
+        if (
+            request.version < HttpVersion11
+            and "Content-Length" not in headers
+            and _may_have_body(request.method, upstream.status)
+        ):
+            # An HTTP/1.0 caller knows where such a body ends by the close
+            # alone: the connection cannot be kept alive after it.
+            self.force_close()
         self._own_content_type = "Content-Type" in headers
         self._own_server = "Server" in headers
 
@@ -156,6 +165,10 @@ class _RelayResponse(web.StreamResponse):
         writer._headers_written = False
         if not self._coalesce:
             writer.send_headers()
+
+
+def _may_have_body(method: str, status: int) -> bool:
+    return method != "HEAD" and status not in (204, 304) and status >= 200
 
 
 def request_head(
@@ -232,6 +245,11 @@ class Proxy:
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         """The traffic port's only handler."""
+        if request.version not in _VERSIONS:
+            UNROUTED.answered(505)
+            return error_response(
+                505, "http_version_not_supported", "Only HTTP/1.0 and 1.1 are served"
+            )
         try:
             target = split_target(request.raw_path)
         except InvalidTarget as exc:

@@ -210,7 +210,9 @@ class _Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
-        if 100 <= status < 200:
+        if status < 100:
+            raise UpstreamError("invalid status code")
+        if status < 200:
             if status == 101:
                 raise UpstreamError("unexpected protocol switch")
             # An interim answer: the final one follows on the same stream.
@@ -322,13 +324,20 @@ class _Connection(asyncio.Protocol):
 
 
 def _framed(headers: list[tuple[bytes, bytes]]) -> bool:
-    """Whether a response announces its length (Content-Length or chunked)."""
+    """Whether a response announces its length (Content-Length or chunked).
+
+    A transfer coding other than chunked alone is refused: the gateway drops
+    Transfer-Encoding as hop-by-hop, so a gzip coding, say, would reach the
+    caller undecoded with nothing to say so.
+    """
     for name, value in headers:
         lower = name.lower()
         if lower == b"content-length":
             return True
         if lower == b"transfer-encoding":
-            return value.rstrip().lower().endswith(b"chunked")
+            if value.strip().lower() != b"chunked":
+                raise UpstreamError("transfer coding other than chunked")
+            return True
     return False
 
 

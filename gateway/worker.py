@@ -120,13 +120,17 @@ async def _drain(
     gateway_log.info("worker draining (up to %.1f s)", grace_s)
     for site in list(runner.sites):
         await site.stop()
-    server.pre_shutdown()  # idle connections close now, busy ones when done
+    server.pre_shutdown()  # no request after the one in progress
+    busy = []
+    for connection in list(server.connections):
+        task = connection._task_handler
+        if connection._request_in_progress and task is not None and not task.done():
+            busy.append(task)
+        else:
+            # Idle: closed now, so its caller goes elsewhere at once instead of
+            # waiting out the grace for an answer that would never come.
+            connection.force_close()
 
-    busy = [
-        task
-        for connection in server.connections
-        if (task := connection._task_handler) is not None and not task.done()
-    ]
     late: set[asyncio.Task[None]] = set()
     if busy:
         _, late = await asyncio.wait(busy, timeout=grace_s)

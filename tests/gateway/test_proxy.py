@@ -721,3 +721,67 @@ async def test_proxy_requests_reach_the_metrics_within_a_flush_interval(
     assert seen == expected
     latency = "agw_gateway_upstream_latency_seconds_count"
     assert await _metric(http, gateway.admin_url, latency, agent="a") == 3.0
+
+
+async def _answer_then_idle(port: int, request: bytes, wait_s: float = 3.0) -> bytes:
+    """Everything the gateway sends back, and how it ended: EOF or still open."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(request)
+    got = bytearray()
+    try:
+        async with asyncio.timeout(wait_s):
+            while data := await reader.read(65536):
+                got += data
+            got += b"<EOF>"
+    except TimeoutError:
+        got += b"<OPEN>"
+    writer.close()
+    await writer.wait_closed()
+    return bytes(got)
+
+
+@pytest.mark.parametrize(
+    ("answer", "ending"),
+    [
+        (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"2\r\nok\r\n0\r\n\r\n",
+            b"\r\n\r\nok<EOF>",
+        ),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", b"\r\n\r\nok<OPEN>"),
+    ],
+    ids=["unframed-closes", "framed-kept-alive"],
+)
+async def test_proxy_http10_caller_gets_a_body_it_can_delimit(
+    gateway_factory: GatewayFactory,
+    redis_url: str,
+    redis_store: Store,
+    environment: str,
+    raw_agent: _RawAgent,
+    answer: bytes,
+    ending: bytes,
+) -> None:
+    raw_agent.answer = answer
+    await commit_agent(redis_store, environment, "p", "raw", await raw_agent.start())
+    gateway = await gateway_factory(store=redis_url, environment=environment)
+
+    request = b"GET /p/raw/x HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"
+    got = await _answer_then_idle(gateway.port, request, wait_s=1.5)
+    assert got.startswith(b"HTTP/1.0 200 OK\r\n")
+    assert got.endswith(ending)
+    assert b"Transfer-Encoding" not in got
+
+
+@pytest.mark.parametrize("version", [b"HTTP/2.0", b"HTTP/0.9"])
+async def test_proxy_other_http_versions_are_505(
+    gateway: GatewayProcess, version: bytes
+) -> None:
+    got = await _answer_then_idle(
+        gateway.port, b"GET /p/a/x " + version + b"\r\nHost: gw\r\n\r\n", 1.5
+    )
+    head, _, body = got.partition(b"\r\n\r\n")
+    assert head.split(b"\r\n")[0].split(b" ")[1] == b"505"
+    assert body.removesuffix(b"<EOF>").removesuffix(b"<OPEN>") == (
+        b'{"error":"http_version_not_supported",'
+        b'"message":"Only HTTP/1.0 and 1.1 are served"}'
+    )

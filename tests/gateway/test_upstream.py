@@ -586,6 +586,11 @@ async def test_upstream_refusing_is_an_error_not_a_timeout(pool: UpstreamPool) -
         b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nok",
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nok\r\n0\r\n\r\n",
         b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\n\r\n",
+        b"HTTP/1.1 099 Low\r\nContent-Length: 2\r\n\r\nok",
+        b"HTTP/1.1 000 Zero\r\nContent-Length: 2\r\n\r\nok",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nok",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: identity\r\n\r\nok",
     ],
 )
 async def test_upstream_malformed_response_is_an_error(

@@ -236,3 +236,34 @@ async def test_worker_drain_lets_a_stream_finish_within_the_grace(
     assert body == b"chunk 0\nchunk 1\nchunk 2\nchunk 3\n"
     assert code == 0
     assert "cutting" not in gateway.log()
+
+
+async def test_worker_drain_closes_idle_keep_alive_connections_at_once(
+    tmp_path: Path,
+    embedded_path: Path,
+    environment: str,
+    silent_agent: SilentAgent,
+) -> None:
+    store = open_store(str(embedded_path))
+    await commit_agent(store, environment, "p", "a", silent_agent.url, timeout_s=60)
+    await store.close()
+    gateway = await _drain_gateway(tmp_path, embedded_path, environment, 10.0)
+    try:
+        # A stream in flight keeps the drain busy; a second connection idles.
+        stream, stream_writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+        stream_writer.write(b"GET /p/a/events HTTP/1.1\r\nHost: gw\r\n\r\n")
+        await stream.readuntil(b"data: 1\n")
+        idle, idle_writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+        idle_writer.write(b"GET /nowhere/x HTTP/1.1\r\nHost: gw\r\n\r\n")
+        await idle.readuntil(b'"No agent is deployed here"}')
+
+        gateway.terminate()
+        await _until_logged(gateway, "worker draining")
+        # Closed at the start of the drain: the caller learns it at once,
+        # rather than when the grace is over.
+        assert await asyncio.wait_for(idle.read(), 5) == b""
+        idle_writer.close()
+        stream_writer.transport.abort()  # the stream's caller goes: drain ends
+        assert await asyncio.to_thread(gateway.process.wait, 5) == 0
+    finally:
+        gateway.stop()
