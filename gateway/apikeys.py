@@ -12,6 +12,9 @@ from gateway.policy import ApiKeyPolicy, ApiKeySettings, hash_api_key
 __all__ = ["ApiKeyAuthenticator", "ApiKeyTable"]
 
 _UNAUTHORIZED = ("unauthorized", "Valid API key required")
+#: RFC 9110 asks every 401 to name a scheme; API keys have no registered
+#: one, so the challenge names the header the key goes in.
+_CHALLENGE = 'ApiKey realm="agent-gateway", header="{}"'
 
 
 class _LiveKey:
@@ -61,6 +64,7 @@ class ApiKeyAuthenticator(Authenticator):
         table: ApiKeyTable,
     ) -> None:
         self.header_name = settings.header_name
+        self._challenge = {"WWW-Authenticate": _CHALLENGE.format(settings.header_name)}
         self.strip = IDENTITY_HEADERS | {settings.header_name.lower()}
         self._project = project
         self._agent = agent
@@ -73,15 +77,15 @@ class ApiKeyAuthenticator(Authenticator):
 
         key = self._table.get(hash_api_key(values[0]))
         if key is None or key.project != self._project or key.agent != self._agent:
-            raise AuthFailure(401, *_UNAUTHORIZED)
+            raise AuthFailure(401, *_UNAUTHORIZED, self._challenge)
         if key.expires_at is not None and key.expires_at <= time.time():
-            raise AuthFailure(401, *_UNAUTHORIZED)
+            raise AuthFailure(401, *_UNAUTHORIZED, self._challenge)
 
         return key.identity
 
     def _refusal(self, count: int) -> AuthFailure:
         if count == 0:
-            return AuthFailure(401, *_UNAUTHORIZED)
+            return AuthFailure(401, *_UNAUTHORIZED, self._challenge)
         return AuthFailure(
             400,
             "bad_request",

@@ -26,6 +26,7 @@ from tests.fixtures.stack import (
 
 KEY = "agw_" + "k" * 43
 UNAUTHORIZED = {"error": "unauthorized", "message": "Valid API key required"}
+CHALLENGE = {"WWW-Authenticate": 'ApiKey realm="agent-gateway", header="X-API-Key"'}
 
 
 def _table(**overrides: object) -> ApiKeyTable:
@@ -78,7 +79,7 @@ def _answer(failure: AuthFailure) -> tuple[int, dict[str, str], dict[str, str]]:
 async def test_apikey_missing_header_is_401() -> None:
     with pytest.raises(AuthFailure) as failure:
         await _auth(_table()).authenticate(_headers(("Authorization", KEY)))
-    assert _answer(failure.value) == (401, UNAUTHORIZED, {})
+    assert _answer(failure.value) == (401, UNAUTHORIZED, CHALLENGE)
 
 
 async def test_apikey_sent_twice_is_400() -> None:
@@ -105,7 +106,7 @@ async def test_apikey_expired_or_other_agents_key_is_401(
 ) -> None:
     with pytest.raises(AuthFailure) as failure:
         await _auth(_table(**overrides)).authenticate(_headers(("X-API-Key", KEY)))
-    assert _answer(failure.value) == (401, UNAUTHORIZED, {})
+    assert _answer(failure.value) == (401, UNAUTHORIZED, CHALLENGE)
 
 
 async def test_apikey_future_expiry_is_accepted_and_revocation_applies() -> None:
@@ -203,6 +204,10 @@ async def test_apikey_gateway_refuses_bad_keys(
         http.get(gateway.url + path, headers=CIMultiDict(headers)) as response,
     ):
         assert (response.status, await response.json()) == answer
+        challenge = response.headers.get("WWW-Authenticate")
+        assert challenge == (
+            CHALLENGE["WWW-Authenticate"] if answer[0] == 401 else None
+        )
 
 
 async def _raw_get(gateway: GatewayProcess, header_lines: bytes) -> bytes:
@@ -275,6 +280,9 @@ async def test_apikey_gateway_custom_header_on_redeploy(
             ) as response:
                 if response.status == 401:
                     assert await response.json() == UNAUTHORIZED
+                    assert response.headers["WWW-Authenticate"] == (
+                        'ApiKey realm="agent-gateway", header="X-Agent-Key"'
+                    )
                     break
             await asyncio.sleep(0.01)
         else:
