@@ -73,21 +73,27 @@ def port(value: str) -> int:
         raise _invalid("a port (0 to 65535)", value) from None
 
 
+def _number(value: str) -> float:
+    """The finite number ``value`` spells, else NaN (which every bound refuses)."""
+    try:
+        number = float(value)
+    except ValueError:
+        return math.nan
+    return number if math.isfinite(number) else math.nan
+
+
 def seconds(value: str) -> float:
     """A finite duration of zero seconds or more."""
-    try:
-        duration = float(value)
-    except ValueError:
-        duration = math.nan
-    if not (math.isfinite(duration) and duration >= 0):
+    duration = _number(value)
+    if not duration >= 0:
         raise _invalid("a number of seconds, 0 or more", value)
     return duration
 
 
 def positive_seconds(value: str) -> float:
     """A finite duration of more than zero seconds."""
-    duration = seconds(value)
-    if duration == 0:
+    duration = _number(value)
+    if not duration > 0:
         raise _invalid("a number of seconds, more than 0", value)
     return duration
 

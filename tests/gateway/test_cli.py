@@ -104,6 +104,25 @@ def test_cli_accepts_every_port(argv: list[str], port: int, admin_port: int) -> 
             {},
             "argument --header-timeout-s: not a number of seconds, more than 0: '0'",
         ),
+        *(
+            (
+                ["--header-timeout-s", value],
+                {},
+                "argument --header-timeout-s: not a number of seconds, more than 0: "
+                f"{value!r}",
+            )
+            for value in ("-1", "nan", "inf", "soon", "")
+        ),
+        (
+            [],
+            {"AGW_HEADER_TIMEOUT_S": "-0.5"},
+            "AGW_HEADER_TIMEOUT_S: not a number of seconds, more than 0: '-0.5'",
+        ),
+        (
+            ["--drain-grace-s", "nan"],
+            {},
+            "argument --drain-grace-s: not a number of seconds, 0 or more: 'nan'",
+        ),
         (
             ["--drain-grace-s", "inf"],
             {},
