@@ -122,15 +122,17 @@ def text(value: str) -> str:
 
 
 def from_environment(
-    parser: argparse.ArgumentParser,
-    environ: Mapping[str, str],
-    variable: str,
-    parse: Callable[[str], T],
+    environ: Mapping[str, str], variable: str, parse: Callable[[str], T]
 ) -> T | None:
-    """The parsed value of ``variable``, None when unset; a usage error if bad."""
+    """The parsed value of ``variable``, None when unset.
+
+    A bad value raises :class:`argparse.ArgumentTypeError` naming the
+    variable. The caller reports it with ``parser.error`` once every flag is
+    added, so that the usage line printed with it is complete.
+    """
     if variable not in environ:
         return None
     try:
         return parse(environ[variable])
     except argparse.ArgumentTypeError as exc:
-        parser.error(f"{variable}: {exc}")
+        raise argparse.ArgumentTypeError(f"{variable}: {exc}") from None

@@ -173,6 +173,25 @@ def test_cli_rejects_missing_or_bad_values(
     )
 
 
+def test_cli_bad_variable_prints_the_whole_usage_line(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit):
+        parse_settings(["--port", "x"], {"AGW_ENVIRONMENT": "dev"})
+    usage = capsys.readouterr().err.splitlines()[:-1]
+
+    with pytest.raises(SystemExit) as exit_:
+        parse_settings([], {"AGW_ENVIRONMENT": "dev", "AGW_WORKERS": "x"})
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        *usage,
+        "python -m gateway: error: AGW_WORKERS: not a whole number from 1: 'x'",
+    ]
+    assert " ".join(usage).endswith(
+        "[--upstream-connection-limit UPSTREAM_CONNECTION_LIMIT]"
+    )
+
+
 def test_cli_requires_an_environment(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_:
         parse_settings([], {})
