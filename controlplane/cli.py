@@ -82,7 +82,10 @@ def parse_args(
     args = parser.parse_args(argv)
     for flag, (parse, default, _) in _FLAGS.items():
         if getattr(args, _dest(flag)) is None:
-            value = flags.from_environment(parser, env, _env(flag), parse)
+            try:
+                value = flags.from_environment(env, _env(flag), parse)
+            except argparse.ArgumentTypeError as exc:
+                parser.error(str(exc))
             setattr(args, _dest(flag), default if value is None else value)
     _admin_token_source(parser, args, env)
     return args

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 
 from aiohttp import web
@@ -38,13 +39,19 @@ async def stream(request: web.Request) -> web.StreamResponse:
         headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
     )
     await response.prepare(request)
+    # A caller may leave before the end; nobody is then left to tell.
+    with contextlib.suppress(ConnectionResetError):
+        await _events(response)
+    return response
+
+
+async def _events(response: web.StreamResponse) -> None:
     for index, word in enumerate((*WORDS, "gateway.")):
         event = json.dumps({"index": index, "token": word})
         await response.write(f"event: token\ndata: {event}\n\n".encode())
         await asyncio.sleep(0.2)
     await response.write(b"event: done\ndata: {}\n\n")
     await response.write_eof()
-    return response
 
 
 def create_app() -> web.Application:

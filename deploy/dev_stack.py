@@ -175,6 +175,17 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
+class Shutdown(Exception):
+    """SIGINT or SIGTERM arrived: stop everything and exit 0."""
+
+
+def _shutdown(signum: int, frame: object) -> None:
+    # Once is enough: a second signal must not cut the stopping short.
+    for other in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(other, signal.SIG_IGN)
+    raise Shutdown
+
+
 def main() -> None:
     args = parse_args()
     data_dir = Path(args.data_dir).resolve()
@@ -183,17 +194,22 @@ def main() -> None:
         name: getattr(args, f"{name}_port")
         for name in ("gateway", "management", "controlplane", "agent")
     }
+    # Installed even where SIGINT was ignored (a background job of a script):
+    # the children, handling both too, would otherwise stop on their own and
+    # be taken for failures. Set before they start, so they do not inherit
+    # the ignored SIGINT.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _shutdown)
     stack = Stack(data_dir, ports)
-    stack.start_all()
     try:
+        stack.start_all()
         stack.wait_ready()
         key = deploy_demo(stack)
         print_summary(stack, key)
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         while True:
             stack.check_alive()
             time.sleep(1)
-    except KeyboardInterrupt:
+    except Shutdown:
         pass
     finally:
         stack.stop()

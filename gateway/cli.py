@@ -81,18 +81,20 @@ def _env_name(name: str) -> str:
     return "AGW_" + name.upper()
 
 
-def _default(
-    parser: argparse.ArgumentParser, environ: Mapping[str, str], field: FieldInfo
-) -> object:
-    """The flag's AGW_* variable, else its default; None when it has neither."""
-    value = flags.from_environment(
-        parser, environ, _env_name(field.name), _TYPES[field.name]
-    )
-    if value is not None:
-        return value
+def _fallback(field: FieldInfo) -> object:
+    """The flag's default; None when it has none (the flag is then required)."""
     if field.default is not msgspec.NODEFAULT:
         return field.default
     return _DEFAULTS.get(field.name)
+
+
+def _default(environ: Mapping[str, str], field: FieldInfo) -> object:
+    """The flag's AGW_* variable, else its default; None when it has neither.
+
+    A bad variable raises :class:`argparse.ArgumentTypeError` naming it.
+    """
+    value = flags.from_environment(environ, _env_name(field.name), _TYPES[field.name])
+    return _fallback(field) if value is None else value
 
 
 def _parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
@@ -100,20 +102,34 @@ def _parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         prog="python -m gateway",
         description="Agent Gateway data plane. Every flag also reads AGW_<FLAG>.",
     )
+    problems: list[str] = []
     for field in msgspec.structs.fields(GatewaySettings):
-        default = _default(parser, environ, field)
-        options: dict[str, Any] = {"type": _TYPES[field.name]}
-        if field.type is bool:
-            options = {"action": argparse.BooleanOptionalAction}
-        parser.add_argument(
-            _flag(field.name),
-            dest=field.name,
-            default=default,
-            required=default is None,
-            help=f"{_HELP[field.name]} (env {_env_name(field.name)})",
-            **options,
-        )
+        try:
+            default = _default(environ, field)
+        except argparse.ArgumentTypeError as exc:
+            problems.append(str(exc))
+            default = _fallback(field)
+        _add_flag(parser, field, default)
+    if problems:
+        # Only once every flag is added: the usage line printed names them all.
+        parser.error(problems[0])
     return parser
+
+
+def _add_flag(
+    parser: argparse.ArgumentParser, field: FieldInfo, default: object
+) -> None:
+    options: dict[str, Any] = {"type": _TYPES[field.name]}
+    if field.type is bool:
+        options = {"action": argparse.BooleanOptionalAction}
+    parser.add_argument(
+        _flag(field.name),
+        dest=field.name,
+        default=default,
+        required=default is None,
+        help=f"{_HELP[field.name]} (env {_env_name(field.name)})",
+        **options,
+    )
 
 
 def parse_settings(

@@ -73,21 +73,27 @@ def port(value: str) -> int:
         raise _invalid("a port (0 to 65535)", value) from None
 
 
+def _number(value: str) -> float:
+    """The finite number ``value`` spells, else NaN (which every bound refuses)."""
+    try:
+        number = float(value)
+    except ValueError:
+        return math.nan
+    return number if math.isfinite(number) else math.nan
+
+
 def seconds(value: str) -> float:
     """A finite duration of zero seconds or more."""
-    try:
-        duration = float(value)
-    except ValueError:
-        duration = math.nan
-    if not (math.isfinite(duration) and duration >= 0):
+    duration = _number(value)
+    if not duration >= 0:
         raise _invalid("a number of seconds, 0 or more", value)
     return duration
 
 
 def positive_seconds(value: str) -> float:
     """A finite duration of more than zero seconds."""
-    duration = seconds(value)
-    if duration == 0:
+    duration = _number(value)
+    if not duration > 0:
         raise _invalid("a number of seconds, more than 0", value)
     return duration
 
@@ -116,15 +122,17 @@ def text(value: str) -> str:
 
 
 def from_environment(
-    parser: argparse.ArgumentParser,
-    environ: Mapping[str, str],
-    variable: str,
-    parse: Callable[[str], T],
+    environ: Mapping[str, str], variable: str, parse: Callable[[str], T]
 ) -> T | None:
-    """The parsed value of ``variable``, None when unset; a usage error if bad."""
+    """The parsed value of ``variable``, None when unset.
+
+    A bad value raises :class:`argparse.ArgumentTypeError` naming the
+    variable. The caller reports it with ``parser.error`` once every flag is
+    added, so that the usage line printed with it is complete.
+    """
     if variable not in environ:
         return None
     try:
         return parse(environ[variable])
     except argparse.ArgumentTypeError as exc:
-        parser.error(f"{variable}: {exc}")
+        raise argparse.ArgumentTypeError(f"{variable}: {exc}") from None

@@ -155,6 +155,25 @@ def test_cli_rejects_ambiguous_or_bad_values(
     )
 
 
+def test_cli_bad_variable_prints_the_whole_usage_line(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit):
+        parse_args(["--port", "x"], {})
+    usage = capsys.readouterr().err.splitlines()[:-1]
+
+    with pytest.raises(SystemExit) as exit_:
+        parse_args([], {"AGW_PORT": "x"})
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        *usage,
+        "python -m controlplane: error: AGW_PORT: not a port (0 to 65535): 'x'",
+    ]
+    assert " ".join(usage).endswith(
+        "[--admin-token-file ADMIN_TOKEN_FILE | --admin-token ADMIN_TOKEN]"
+    )
+
+
 def test_cli_bad_port_is_a_usage_error_not_a_traceback(tmp_path: Path) -> None:
     done = _run("--admin-token", TOKEN, "--port", "abc")
     assert done.returncode == 2

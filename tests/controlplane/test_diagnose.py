@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import jwt
 import msgspec
 import pytest
+from aiohttp.test_utils import TestServer
 
-from controlplane.diagnose import REGISTRIES
+from controlplane.diagnose import REGISTRIES, Registries
 from controlplane.records import IdentityProvider, idp_record
+from gateway.policy import OAuthSettings
 from gateway.store import Store
 from tests.controlplane.conftest import Client, call, setup_agent
 from tests.fixtures.idp import ES256_RESOURCE, RS256_RESOURCE, OidcProvider
 from tests.gateway import tokenkit
+from tests.gateway.test_jwks import JwksServer, eventually
 
 DIAGNOSE = "/projects/shop/agents/helper/environments/dev/diagnose-token"
 DEPLOY = "/projects/shop/agents/helper/deployments"
@@ -322,3 +327,85 @@ async def test_diagnose_identity_provider_with_odd_jwk_is_answered(
         "local",
         "client-1",
     )
+
+
+# --- identity providers no diagnose needs any more ----------------------------
+
+
+@pytest.fixture
+async def jwks_server(
+    aiohttp_server: Callable[..., Awaitable[TestServer]],
+) -> JwksServer:
+    state = JwksServer()
+    server = await aiohttp_server(state.app())
+    state.base = str(server.make_url("")).rstrip("/")
+    return state
+
+
+async def _put_remote(api: Client, server: JwksServer, name: str = "corp") -> None:
+    """An identity provider on the test's JWKS server, refreshed every second."""
+    body = {
+        "issuer": server.base,
+        "jwks_uri": server.base + "/jwks",
+        "jwks_refresh_s": 1,
+    }
+    path = f"/environments/dev/identity-providers/{name}"
+    assert (await call(api, "PUT", path, body))[0] == 201
+
+
+async def _deploy(api: Client, *idps: str) -> None:
+    auth = {"type": "oauth", "oauth": {"identity_providers": list(idps)}}
+    body = {"environment": "dev", "endpoint_auth": auth}
+    assert (await call(api, "POST", DEPLOY, body))[0] == 201
+
+
+async def _fetches_stopped(server: JwksServer) -> None:
+    await asyncio.sleep(0.1)  # a keyring being closed may still be cancelling
+    fetched = server.fetches
+    await asyncio.sleep(1.5)  # longer than the refresh period
+    assert server.fetches == fetched
+
+
+async def test_diagnose_deleted_identity_provider_stops_being_fetched(
+    api: Client, jwks_server: JwksServer
+) -> None:
+    await setup_agent(api)
+    await _put_remote(api, jwks_server)
+    local = {
+        "issuer": tokenkit.ISSUER,
+        "jwks": {"keys": [tokenkit.jwk(LOCAL_KEY, "k1")]},
+    }
+    await call(api, "PUT", "/environments/dev/identity-providers/local", local)
+    await _deploy(api, "corp", "local")
+    assert (await call(api, "POST", DIAGNOSE, {"token": _local()}))[1]["valid"]
+    await eventually(lambda: jwks_server.fetches >= 2)  # refreshed while kept
+
+    await _deploy(api, "local")
+    path = "/environments/dev/identity-providers/corp"
+    assert (await call(api, "DELETE", path))[0] == 200
+    assert (await call(api, "POST", DIAGNOSE, {"token": _local()}))[1]["valid"]
+
+    registry = api.app[REGISTRIES].get("dev")
+    assert (registry.get("corp"), registry.get("local") is not None) == (None, True)
+    await _fetches_stopped(jwks_server)
+
+
+async def test_diagnose_registry_closes_identity_providers_left_idle(
+    api: Client, store: Store, jwks_server: JwksServer
+) -> None:
+    await setup_agent(api)
+    await _put_remote(api, jwks_server)
+    settings = OAuthSettings(identity_providers=["corp"])
+    registries = Registries(idle_s=2)
+    registries.start()
+    try:
+        idps = await registries.sync(store, "dev", settings)
+        await asyncio.sleep(1)
+        assert await registries.sync(store, "dev", settings) is idps
+        await asyncio.sleep(1.3)
+        assert idps.get("corp") is not None  # used 1.3 s ago: kept
+
+        await eventually(lambda: idps.get("corp") is None)
+        await _fetches_stopped(jwks_server)
+    finally:
+        await registries.close()

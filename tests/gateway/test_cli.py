@@ -104,6 +104,25 @@ def test_cli_accepts_every_port(argv: list[str], port: int, admin_port: int) -> 
             {},
             "argument --header-timeout-s: not a number of seconds, more than 0: '0'",
         ),
+        *(
+            (
+                ["--header-timeout-s", value],
+                {},
+                "argument --header-timeout-s: not a number of seconds, more than 0: "
+                f"{value!r}",
+            )
+            for value in ("-1", "nan", "inf", "soon", "")
+        ),
+        (
+            [],
+            {"AGW_HEADER_TIMEOUT_S": "-0.5"},
+            "AGW_HEADER_TIMEOUT_S: not a number of seconds, more than 0: '-0.5'",
+        ),
+        (
+            ["--drain-grace-s", "nan"],
+            {},
+            "argument --drain-grace-s: not a number of seconds, 0 or more: 'nan'",
+        ),
         (
             ["--drain-grace-s", "inf"],
             {},
@@ -151,6 +170,25 @@ def test_cli_rejects_missing_or_bad_values(
     assert exit_.value.code == 2
     assert capsys.readouterr().err.splitlines()[-1] == (
         f"python -m gateway: error: {error}"
+    )
+
+
+def test_cli_bad_variable_prints_the_whole_usage_line(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit):
+        parse_settings(["--port", "x"], {"AGW_ENVIRONMENT": "dev"})
+    usage = capsys.readouterr().err.splitlines()[:-1]
+
+    with pytest.raises(SystemExit) as exit_:
+        parse_settings([], {"AGW_ENVIRONMENT": "dev", "AGW_WORKERS": "x"})
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        *usage,
+        "python -m gateway: error: AGW_WORKERS: not a whole number from 1: 'x'",
+    ]
+    assert " ".join(usage).endswith(
+        "[--upstream-connection-limit UPSTREAM_CONNECTION_LIMIT]"
     )
 
 

@@ -1,0 +1,1 @@
+"""Running Agent Gateway on one machine: the dev stack and its demo agent."""
