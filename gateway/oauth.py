@@ -374,8 +374,8 @@ def verify_with_keys_at_hand(
         return None
     found = keys.candidates(parsed.alg, parsed.kid)
     if not found:
-        if parsed.kid is not None and not keys.has_kid(parsed.kid):
-            return None  # an unknown kid: the keys may have changed
+        if _unknown_kid(keys, parsed) is not None:
+            return None  # the keys may have changed: refetch first
         raise _no_key(parsed)
     return _finish(parsed, route, found, now, None)
 
@@ -434,12 +434,18 @@ async def _candidates(
 ) -> tuple[VerificationKey, ...]:
     keys = await _loaded(keyring)
     found = keys.candidates(parsed.alg, parsed.kid)
-    if not found and parsed.kid is not None and not keys.has_kid(parsed.kid):
-        keys = await keyring.refetch_for(parsed.kid)
+    if not found and (kid := _unknown_kid(keys, parsed)) is not None:
+        keys = await keyring.refetch_for(kid)
         found = keys.candidates(parsed.alg, parsed.kid)
     if not found:
         raise _no_key(parsed)
     return found
+
+
+def _unknown_kid(keys: KeySet, parsed: ParsedToken) -> str | None:
+    """The token's kid when the set does not have it: a reason to refetch."""
+    kid = parsed.kid
+    return kid if kid is not None and not keys.has_kid(kid) else None
 
 
 def _no_key(parsed: ParsedToken) -> TokenError:

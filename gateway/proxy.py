@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, cast
 
 import msgspec
@@ -20,7 +20,7 @@ from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 from aiohttp.http_writer import StreamWriter
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from aiohttp.web_protocol import RequestHandler, _ErrInfo
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict
 
 from gateway.auth import AuthFailure, Identity
 from gateway.headers import HOP_BY_HOP
@@ -28,6 +28,7 @@ from gateway.metrics import UNROUTED
 from gateway.policies import PolicyTable, Route
 from gateway.routing import InvalidTarget, Target, split_target, upstream_path
 from gateway.upstream import (
+    NO_BODY_STATUS,
     UpstreamError,
     UpstreamPool,
     UpstreamResponse,
@@ -71,24 +72,11 @@ class _ErrorResponse(web.Response):
         self.headers.popall("Server", None)
 
 
-def _connection_tokens(headers: CIMultiDictProxy[str]) -> frozenset[str]:
-    """Header names listed in Connection, which are hop-by-hop too."""
-    values = headers.getall("Connection", ())
-    if not values:
-        return frozenset()
+def _listed(values: Iterable[str]) -> frozenset[str]:
+    """Header names listed in Connection values, which are hop-by-hop too."""
     return frozenset(
         token.strip().lower() for value in values for token in value.split(",")
     )
-
-
-def _response_tokens(headers: list[tuple[bytes, bytes]]) -> frozenset[str]:
-    """Header names an agent's response lists in Connection."""
-    tokens: set[str] = set()
-    for name, value in headers:
-        if name.lower() == b"connection":
-            for token in value.decode("latin-1").split(","):
-                tokens.add(token.strip().lower())
-    return frozenset(tokens)
 
 
 def _response_headers(headers: list[tuple[bytes, bytes]]) -> CIMultiDict[str]:
@@ -97,7 +85,8 @@ def _response_headers(headers: list[tuple[bytes, bytes]]) -> CIMultiDict[str]:
     Values are latin-1 text, one character per byte, so that they encode
     back to the very bytes the agent sent (see _RelayResponse).
     """
-    drop = HOP_BY_HOP | _response_tokens(headers)
+    listed = [v.decode("latin-1") for n, v in headers if n.lower() == b"connection"]
+    drop = HOP_BY_HOP | _listed(listed) if listed else HOP_BY_HOP
     copied: CIMultiDict[str] = CIMultiDict()
     for raw_name, raw_value in headers:
         name = raw_name.decode("latin-1")
@@ -168,7 +157,8 @@ class _RelayResponse(web.StreamResponse):
 
 
 def _may_have_body(method: str, status: int) -> bool:
-    return method != "HEAD" and status not in (204, 304) and status >= 200
+    # Interim (1xx) answers never reach here: the upstream client skips them.
+    return method != "HEAD" and status not in NO_BODY_STATUS
 
 
 def request_head(
@@ -186,7 +176,7 @@ def request_head(
     headers = request.headers
     drop = route.drop
     if "Connection" in headers:
-        drop = drop | _connection_tokens(headers)
+        drop = drop | _listed(headers.getall("Connection"))
     for name, value in headers.items():
         lower = name.lower()
         # Some agent servers read "_" as "-": X_Auth_Subject must not pass

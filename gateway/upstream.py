@@ -20,6 +20,7 @@ from typing import Any, cast
 import httptools
 
 __all__ = [
+    "NO_BODY_STATUS",
     "MAX_HEAD_SIZE",
     "BodyReader",
     "Origin",
@@ -36,7 +37,8 @@ BodyReader = Callable[[], Awaitable[bytes]]
 # paused; it is resumed as soon as the caller has taken them.
 _HIGH_WATER = 256 * 1024
 
-_NO_BODY_STATUS = frozenset({204, 304})
+#: Final statuses whose responses have no body, whatever their headers say.
+NO_BODY_STATUS = frozenset({204, 304})
 
 # The most an agent may send before its response head is complete (status
 # line, header lines, and any interim 1xx answers before it). Without a cap,
@@ -222,7 +224,7 @@ class _Connection(asyncio.Protocol):
         self.framed = _framed(self.headers)
         response = UpstreamResponse(self, status, self.reason, self.headers)
         self.response = response
-        if self.head_only or status in _NO_BODY_STATUS:
+        if self.head_only or status in NO_BODY_STATUS:
             self.framed = True
         if self.head_only:
             self.done = True
