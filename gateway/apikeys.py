@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from multidict import CIMultiDictProxy
+from multidict import MultiMapping
 
 from gateway.auth import IDENTITY_HEADERS, Authenticator, AuthFailure, Identity
 from gateway.policy import ApiKeyPolicy, ApiKeySettings, hash_api_key
@@ -70,7 +70,7 @@ class ApiKeyAuthenticator(Authenticator):
         self._agent = agent
         self._table = table
 
-    def check(self, headers: CIMultiDictProxy[str]) -> Identity:
+    def check(self, headers: MultiMapping[str]) -> Identity:
         values = headers.getall(self.header_name, ())
         if len(values) != 1:
             raise self._refusal(len(values))

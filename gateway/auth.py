@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Mapping
 
-from multidict import CIMultiDictProxy
+from multidict import MultiMapping
 
 __all__ = [
     "IDENTITY_HEADERS",
@@ -89,10 +89,10 @@ class Authenticator:
 
     strip: frozenset[str] = IDENTITY_HEADERS
 
-    def check(self, headers: CIMultiDictProxy[str]) -> Identity | Awaitable[Identity]:
+    def check(self, headers: MultiMapping[str]) -> Identity | Awaitable[Identity]:
         raise NotImplementedError
 
-    async def authenticate(self, headers: CIMultiDictProxy[str]) -> Identity:
+    async def authenticate(self, headers: MultiMapping[str]) -> Identity:
         """:meth:`check`, awaited when it has to be."""
         result = self.check(headers)
         if isinstance(result, Identity):
@@ -103,5 +103,5 @@ class Authenticator:
 class NoAuth(Authenticator):
     """Endpoint authentication ``none``."""
 
-    def check(self, headers: CIMultiDictProxy[str]) -> Identity:
+    def check(self, headers: MultiMapping[str]) -> Identity:
         return NO_IDENTITY

@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable, Mapping
 
 import aiohttp
 import msgspec
-from multidict import CIMultiDictProxy
+from multidict import MultiMapping
 
 from gateway.auth import IDENTITY_HEADERS, Authenticator, AuthFailure, Identity
 from gateway.jwks import (
@@ -560,7 +560,7 @@ class OAuthAuthenticator(Authenticator):
             self._version = self._idps.version
         return self._routes
 
-    def check(self, headers: CIMultiDictProxy[str]) -> Identity | Awaitable[Identity]:
+    def check(self, headers: MultiMapping[str]) -> Identity | Awaitable[Identity]:
         # The hot path: a token verified before costs a dict lookup and two
         # comparisons; a new one, a verification. A coroutine only when the
         # keys must be fetched first.
@@ -592,7 +592,7 @@ class OAuthAuthenticator(Authenticator):
         _ALLOWED.count += 1
         return verified.identity
 
-    def _token(self, headers: CIMultiDictProxy[str]) -> str:
+    def _token(self, headers: MultiMapping[str]) -> str:
         try:
             token = extract_token(headers.getall(self._header, []), self._prefix)
         except ValueError:

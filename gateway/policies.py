@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 import msgspec
 import yarl
-from multidict import CIMultiDictProxy
+from multidict import MultiMapping
 
 from gateway.apikeys import ApiKeyAuthenticator, ApiKeyTable
 from gateway.auth import Authenticator, AuthFailure, Identity, NoAuth
@@ -52,7 +52,7 @@ class Unavailable(Authenticator):
     def __init__(self, message: str) -> None:
         self._failure = (503, "auth_unavailable", message)
 
-    def check(self, headers: CIMultiDictProxy[str]) -> Identity:
+    def check(self, headers: MultiMapping[str]) -> Identity:
         raise AuthFailure(*self._failure)
 
 

@@ -1,4 +1,4 @@
-"""The traffic port: route, authenticate and stream-proxy each request.
+"""The traffic port's handler: route, authenticate and stream-proxy each request.
 
 This module is the hot path. Everything that can be decided once is decided
 when a policy is applied (see :mod:`gateway.policies`); a request costs a
@@ -10,66 +10,29 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Awaitable, Callable, Iterable
-from typing import Any, cast
-
-import msgspec
-from aiohttp import web
-from aiohttp.http import HttpVersion10, HttpVersion11, RawRequestMessage
-from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
-from aiohttp.http_writer import StreamWriter
-from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
-from aiohttp.web_protocol import RequestHandler, _ErrInfo
-from multidict import CIMultiDict
+from collections.abc import Iterable
 
 from gateway.auth import AuthFailure, Identity
 from gateway.headers import HOP_BY_HOP
 from gateway.metrics import UNROUTED
 from gateway.policies import PolicyTable, Route
 from gateway.routing import InvalidTarget, Target, split_target, upstream_path
+from gateway.traffic import TrafficRequest, reason_phrase
 from gateway.upstream import (
-    NO_BODY_STATUS,
     UpstreamError,
     UpstreamPool,
     UpstreamResponse,
     UpstreamTimeout,
 )
 
-__all__ = [
-    "Proxy",
-    "TrafficServer",
-    "error_response",
-    "request_head",
-]
+__all__ = ["Proxy", "relay_head", "request_head"]
 
-_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-_VERSIONS = (HttpVersion10, HttpVersion11)
-
-_json = msgspec.json.Encoder()
+_VERSIONS = ("1.0", "1.1")
 
 # Control characters, which llhttp lets through in a reason phrase only.
 _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
-
-def error_response(
-    status: int,
-    error: str,
-    message: str,
-    headers: dict[str, str] | None = None,
-) -> web.Response:
-    """The gateway's one error shape: ``{"error", "message"}``."""
-    body = _json.encode({"error": error, "message": message})
-    return _ErrorResponse(
-        status=status, body=body, content_type="application/json", headers=headers
-    )
-
-
-class _ErrorResponse(web.Response):
-    """An answer of the gateway's own, which does not name its server software."""
-
-    async def _prepare_headers(self) -> None:
-        await super()._prepare_headers()
-        self.headers.popall("Server", None)
+_HOP_BY_HOP = frozenset(name.encode() for name in HOP_BY_HOP)
 
 
 def _listed(values: Iterable[str]) -> frozenset[str]:
@@ -79,90 +42,43 @@ def _listed(values: Iterable[str]) -> frozenset[str]:
     )
 
 
-def _response_headers(headers: list[tuple[bytes, bytes]]) -> CIMultiDict[str]:
-    """The agent's response headers as the caller receives them.
+def relay_head(upstream: UpstreamResponse) -> tuple[bytes, bytes, bool, bool]:
+    """The agent's response head as the caller receives it, byte for byte.
 
-    Values are latin-1 text, one character per byte, so that they encode
-    back to the very bytes the agent sent (see _RelayResponse).
+    Returns the reason phrase, the header lines (hop-by-hop ones and those the
+    agent's Connection names removed), and whether they hold a Content-Length
+    and a Date. Values are never decoded: an agent's ``caf\\xe9`` reaches the
+    caller as it was sent.
     """
-    listed = [v.decode("latin-1") for n, v in headers if n.lower() == b"connection"]
-    drop = HOP_BY_HOP | _listed(listed) if listed else HOP_BY_HOP
-    copied: CIMultiDict[str] = CIMultiDict()
-    for raw_name, raw_value in headers:
-        name = raw_name.decode("latin-1")
-        if name.lower() not in drop:
-            copied.add(name, raw_value.decode("latin-1"))
-    return copied
+    headers = upstream.headers
+    drop = _HOP_BY_HOP
+    listed = [v for n, v in headers if n.lower() == b"connection"]
+    if listed:
+        names = _listed(v.decode("latin-1") for v in listed)
+        drop = drop | {name.encode("latin-1") for name in names}
 
+    lines = []
+    length_known = has_date = False
+    for name, value in headers:
+        lower = name.lower()
+        if lower in drop:
+            continue
+        if lower == b"content-length":
+            length_known = True
+        elif lower == b"date":
+            has_date = True
+        lines.append(b"%b: %b\r\n" % (name, value))
 
-class _RelayResponse(web.StreamResponse):
-    """An agent's response for the caller: the agent's head, byte for byte.
-
-    Two things of aiohttp's StreamResponse would change it. Its serializer
-    encodes header values as UTF-8 and drops what is not, so an agent's
-    ``caf\\xe9`` would reach the caller as ``caf``: this head is encoded as
-    latin-1 instead, which gives back the bytes the agent sent. And it adds
-    Content-Type and Server when absent: both are removed again unless the
-    agent sent them. What stays of aiohttp's own is the caller's framing
-    (Transfer-Encoding, Connection) and a Date when the agent sent none,
-    which RFC 9110 section 6.6.1 asks of a recipient forwarding a response.
-    """
-
-    def __init__(
-        self, request: web.BaseRequest, upstream: UpstreamResponse, *, coalesce: bool
-    ) -> None:
-        headers = _response_headers(upstream.headers)
-        reason = upstream.reason
-        # A reason phrase with control characters would break the head; the
-        # standard phrase of the status replaces it.
-        clean = reason and _CONTROL.search(reason) is None
-        super().__init__(
-            status=upstream.status,
-            reason=reason.decode("latin-1") if clean else None,
-            headers=headers,
-        )
-        self._caller = request
-        self._coalesce = coalesce
-        if (
-            request.version < HttpVersion11
-            and "Content-Length" not in headers
-            and _may_have_body(request.method, upstream.status)
-        ):
-            # An HTTP/1.0 caller knows where such a body ends by the close
-            # alone: the connection cannot be kept alive after it.
-            self.force_close()
-        self._own_content_type = "Content-Type" in headers
-        self._own_server = "Server" in headers
-
-    async def _write_headers(self) -> None:
-        headers = self.headers
-        if not self._own_content_type:
-            headers.popall("Content-Type", None)
-        if not self._own_server:
-            headers.popall("Server", None)
-
-        version = self._caller.version
-        status = f"HTTP/{version.major}.{version.minor} {self.status} {self.reason}\r\n"
-        lines = "".join([f"{name}: {value}\r\n" for name, value in headers.items()])
-        head = (status + lines + "\r\n").encode("latin-1")
-
-        # Handed to aiohttp's writer as its write_headers() would, so that
-        # its framing of the body stays its own and, when coalescing, the
-        # head leaves with the first body bytes in one write.
-        writer = cast(StreamWriter, self._payload_writer)
-        writer._headers_buf = head
-        writer._headers_written = False
-        if not self._coalesce:
-            writer.send_headers()
-
-
-def _may_have_body(method: str, status: int) -> bool:
-    # Interim (1xx) answers never reach here: the upstream client skips them.
-    return method != "HEAD" and status not in NO_BODY_STATUS
+    reason = upstream.reason
+    # A reason phrase with control characters would break the head; the
+    # standard phrase of the status replaces it.
+    if not reason or _CONTROL.search(reason) is not None:
+        reason = reason_phrase(upstream.status)
+    return reason, b"".join(lines), length_known, has_date
 
 
 def request_head(
-    request: web.BaseRequest, route: Route, target: Target, identity: Identity
+    request: TrafficRequest, route: Route, target: Target, identity: Identity
 ) -> bytes:
     """The request head as the upstream receives it, framing headers included.
 
@@ -187,31 +103,31 @@ def request_head(
     assert identity.lines is not None
     lines.append(identity.lines)
 
-    peer = request.remote or ""
+    peer = request.remote
     prior = headers.getall("X-Forwarded-For", ())
     forwarded_for = ", ".join((*prior, peer)) if prior else peer
     lines.append(
-        f"X-Forwarded-For: {forwarded_for}\r\n"
-        f"X-Forwarded-Proto: {request.scheme}\r\n"
-        f"X-Forwarded-Host: {request.host}\r\n"
+        f"X-Forwarded-For: {forwarded_for}\r\nX-Forwarded-Proto: {request.scheme}\r\n"
     )
+    if request.host is not None:
+        lines.append(f"X-Forwarded-Host: {request.host}\r\n")
     lines.append(_framing(request))
     return "".join(lines).encode("utf-8", "surrogateescape")
 
 
-def _framing(request: web.BaseRequest) -> str:
+def _framing(request: TrafficRequest) -> str:
     """The body framing sent upstream: always ours, never the caller's as-is."""
-    if request.body_exists:
+    if request.body is not None:
         length = request.content_length
         if length is None:
             return "Transfer-Encoding: chunked\r\n\r\n"
         return f"Content-Length: {length}\r\n\r\n"
-    if "Content-Length" in request.headers:
+    if request.content_length is not None:
         return "Content-Length: 0\r\n\r\n"
     return "\r\n"
 
 
-def _expects_continue(request: web.BaseRequest) -> bool:
+def _expects_continue(request: TrafficRequest) -> bool:
     expect = request.headers.get("Expect")
     return expect is not None and expect.lower() == "100-continue"
 
@@ -233,25 +149,29 @@ class Proxy:
     async def close(self) -> None:
         await self._pool.close()
 
-    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def handle(self, request: TrafficRequest) -> None:
         """The traffic port's only handler."""
         if request.version not in _VERSIONS:
             UNROUTED.answered(505)
-            return error_response(
+            request.keep_alive = False
+            request.send_error(
                 505, "http_version_not_supported", "Only HTTP/1.0 and 1.1 are served"
             )
+            return
         try:
-            target = split_target(request.raw_path)
+            target = split_target(request.target)
         except InvalidTarget as exc:
             UNROUTED.answered(400)
-            return error_response(400, "bad_request", str(exc))
+            request.send_error(400, "bad_request", str(exc))
+            return
 
         route = None
         if target is not None:
             route = self._table.routes.get((target.project, target.agent))
         if route is None or target is None:
             UNROUTED.answered(404)
-            return error_response(404, "not_found", "No agent is deployed here")
+            request.send_error(404, "not_found", "No agent is deployed here")
+            return
 
         try:
             identity = route.authenticator.check(request.headers)
@@ -259,248 +179,102 @@ class Proxy:
                 identity = await identity
         except AuthFailure as failure:
             route.metrics.answered(failure.status)
-            return error_response(
+            request.send_error(
                 failure.status, failure.error, failure.message, failure.headers
             )
+            return
 
-        return await self._forward(request, route, target, identity)
+        await self._forward(request, route, target, identity)
 
     async def _forward(
         self,
-        request: web.BaseRequest,
+        request: TrafficRequest,
         route: Route,
         target: Target,
         identity: Identity,
-    ) -> web.StreamResponse:
+    ) -> None:
         if identity.lines is None:
             route.metrics.answered(502)
-            return error_response(
+            request.send_error(
                 502, "bad_gateway", "The identity cannot be forwarded to the agent"
             )
+            return
         head = request_head(request, route, target, identity)
         if _expects_continue(request):
-            await request.writer.write(_CONTINUE)
+            request.send_continue()
 
-        body = None
-        if request.body_exists:
-            body = request.content.readany
+        body = request.body
         loop = self._loop
         started = loop.time()
         try:
             upstream = await self._pool.request(
                 route.origin,
                 head,
-                body,
+                body.read if body is not None else None,
                 length=request.content_length,
                 head_only=request.method == "HEAD",
                 timeout_s=route.timeout_s,
             )
         except UpstreamTimeout:
             route.metrics.answered(504)
-            return error_response(
+            request.send_error(
                 504, "gateway_timeout", "The agent did not answer in time"
             )
+            return
         except UpstreamError:
             route.metrics.answered(502)
-            return error_response(502, "bad_gateway", "The agent could not be reached")
+            request.send_error(502, "bad_gateway", "The agent could not be reached")
+            return
 
         route.metrics.latency.observe(loop.time() - started)
         route.metrics.answered(upstream.status)
-        return await self._relay(request, upstream, route.timeout_s)
+        await _relay(request, upstream, route.timeout_s)
 
-    async def _relay(
-        self, request: web.BaseRequest, upstream: UpstreamResponse, silence_s: float
-    ) -> web.StreamResponse:
-        """Stream the upstream response to the caller as it arrives."""
-        # When body bytes came with the head, the head waits for them and
-        # both leave in one write; otherwise the caller sees the head now.
-        response = _RelayResponse(request, upstream, coalesce=upstream.readable)
-        try:
-            await response.prepare(request)
+
+async def _relay(
+    request: TrafficRequest, upstream: UpstreamResponse, silence_s: float
+) -> None:
+    """Stream the upstream response to the caller as it arrives.
+
+    When body bytes came with the head, they leave with it in one write (and
+    the end of the body too, when that is in); otherwise the caller has the
+    head at once, as an SSE client expects.
+    """
+    reason, lines, length_known, has_date = relay_head(upstream)
+    try:
+        data = await upstream.read(silence_s) if upstream.readable else b""
+        last = upstream.ended
+        if last and data:
+            await upstream.read(silence_s)  # the end: the connection is released
+        request.send_head(
+            upstream.status,
+            reason,
+            lines,
+            length_known=length_known,
+            has_date=has_date,
+            data=data,
+            last=last,
+        )
+        while not last:
             data = await upstream.read(silence_s)
-            while data and not upstream.ended:
-                await response.write(data)
-                data = await upstream.read(silence_s)
-            if data:
-                # The whole rest is here: it leaves with the end of the body,
-                # in one write.
+            last = upstream.ended
+            if not data:
+                break
+            if last:
                 await upstream.read(silence_s)
-            await response.write_eof(data)
-        except (UpstreamError, ConnectionError):
-            # Mid-stream, the status is already sent: the only honest signal
-            # left is to cut the caller's connection, so a truncated body is
-            # never mistaken for a complete one.
-            upstream.close()
-            _abort(request)
-            return response
-        except BaseException:
-            upstream.close()
-            raise
-        return response
-
-
-def _abort(request: web.BaseRequest) -> None:
-    transport = request.transport
-    if transport is not None:
-        transport.abort()
-
-
-class _TrafficRequestHandler(RequestHandler):
-    """The traffic port's connections: limits on request heads, and answers to
-    malformed requests in the gateway's JSON shape, never echoing them.
-
-    aiohttp's own answer quotes the start of an oversized header line, and it
-    logs each one; a gateway must do neither for what any caller can send.
-    """
-
-    __slots__ = (
-        "_head_bytes",
-        "_head_timeout_s",
-        "_head_timer",
-        "_last_payload",
-        "_line_limit",
-    )
-
-    def __init__(
-        self,
-        manager: web.Server,
-        *,
-        max_header_size: int,
-        header_timeout_s: float,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(manager, **kwargs)
-        self._line_limit = max_header_size
-        self._head_timeout_s = header_timeout_s
-        self._head_timer: asyncio.TimerHandle | None = None
-        # Bytes received since the read that completed the last head.
-        self._head_bytes = 0
-        # The body of the last request: until it is complete, what arrives
-        # is body, not the start of the next head.
-        self._last_payload: StreamReader | None = None
-
-    def data_received(self, data: bytes) -> None:
-        payload = self._last_payload
-        expecting_head = payload is None or payload.is_eof()
-        queued = len(self._messages)
-        super().data_received(data)
-
-        self._head_bytes += len(data)
-        if len(self._messages) > queued:
-            self._heads_parsed(queued, len(data))
-        elif expecting_head and data and self._head_timer is None:
-            # A head has begun: it must be complete within the bound
-            # (aiohttp's keep-alive timer only closes connections that
-            # sent nothing).
-            self._head_timer = self._loop.call_later(
-                self._head_timeout_s, self._head_timed_out
-            )
-
-    def _heads_parsed(self, queued: int, last_read: int) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
-        # Only a head that came with more bytes than a line may hold can
-        # have a line too long; the rest of the last read may begin the
-        # next head.
-        if self._head_bytes > self._line_limit:
-            self._refuse_long_lines(queued)
-        self._head_bytes = last_read
-        self._last_payload = self._messages[-1][1]
-
-    def _refuse_long_lines(self, queued: int) -> None:
-        """Turn the first parsed head with a header line too long into a 431."""
-        limit = self._line_limit - len(": ")
-        messages = self._messages
-        for index in range(queued, len(messages)):
-            message = messages[index][0]
-            if not isinstance(message, RawRequestMessage):
-                return
-            if any(len(n) + len(v) > limit for n, v in message.raw_headers):
-                while len(messages) > index:
-                    messages.pop()
-                # Reported as aiohttp reports the header lines it refuses.
-                error = LineTooLong(b"", self.max_field_size)
-                messages.append((_ErrInfo(431, error, str(error)), EMPTY_PAYLOAD))
-                return
-
-    def _head_timed_out(self) -> None:
-        self._head_timer = None
-        self.force_close()
-
-    def connection_lost(self, exc: BaseException | None) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
-        self._last_payload = None
-        super().connection_lost(exc)
-
-    def handle_error(
-        self,
-        request: web.BaseRequest,
-        status: int = 500,
-        exc: BaseException | None = None,
-        message: str | None = None,
-    ) -> web.StreamResponse:
-        if isinstance(exc, LineTooLong):
-            response = _too_long(exc, self.max_line_size)
-        elif isinstance(exc, BadHttpMessage):
-            response = error_response(400, "bad_request", "Malformed HTTP request")
-        else:
-            return super().handle_error(request, status, exc, message)
-
-        response.force_close()
-        return response
-
-
-def _too_long(exc: LineTooLong, target_limit: int) -> web.Response:
-    # aiohttp raises the same error for the request target and for a header
-    # line; only the limit it names (its second argument) tells them apart,
-    # which is why the two limits always differ (see TrafficServer).
-    if exc.args[1] == target_limit:
-        return error_response(
-            414, "uri_too_long", "The request target is longer than the gateway accepts"
-        )
-    return error_response(
-        431,
-        "header_too_large",
-        "A request header line is longer than the gateway accepts",
-    )
-
-
-class TrafficServer(web.Server):
-    """aiohttp's low-level server with the gateway's limits on request heads.
-
-    ``max_header_size`` bounds each header line, counted as name, ": " and
-    value (431 beyond), and the request target (414 beyond). A head must be
-    complete within ``header_timeout_s`` seconds of its first byte, or the
-    connection is closed.
-    """
-
-    def __init__(
-        self,
-        handler: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]],
-        *,
-        max_header_size: int,
-        header_timeout_s: float,
-        **kwargs: Any,
-    ) -> None:
-        # aiohttp's C parser (3.14) checks a header's name and its value
-        # apart, and counts the name of the header before into the next
-        # name: its own field limit, twice ours, only bounds memory, and the
-        # handler checks each line exactly. Its max_line_size limits the
-        # request target alone.
-        super().__init__(
-            handler,
-            max_line_size=max_header_size,
-            max_field_size=2 * max_header_size,
-            max_header_size=max_header_size,
-            header_timeout_s=header_timeout_s,
-            **kwargs,
-        )
-
-    def __call__(self) -> RequestHandler:
-        # web.Server builds its protocol from these two attributes; building
-        # ours from the same keeps every handler argument (limits, timeouts).
-        kwargs: dict[str, Any] = self._kwargs
-        return _TrafficRequestHandler(self, loop=self._loop, **kwargs)
+                break
+            await request.send_body(data)
+        if not request.finished:
+            request.end(data)
+    except (UpstreamError, ConnectionError):
+        upstream.close()
+        if not request.started:
+            request.send_error(502, "bad_gateway", "The agent broke off its answer")
+            return
+        # Mid-stream, the status is already sent: the only honest signal
+        # left is to cut the caller's connection, so a truncated body is
+        # never mistaken for a complete one.
+        request.abort()
+    except BaseException:
+        upstream.close()
+        raise

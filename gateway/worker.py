@@ -9,15 +9,15 @@ from collections.abc import Callable
 from typing import Any
 
 import uvloop
-from aiohttp import web
 
 from gateway.cli import GatewaySettings, configure_logging
-from gateway.log import access_log, gateway_log
+from gateway.log import gateway_log
 from gateway.metrics import FLUSH_INTERVAL_S, flush
 from gateway.policies import IdentityProviderSink, PolicyTable
-from gateway.proxy import Proxy, TrafficServer
+from gateway.proxy import Proxy
 from gateway.store import open_store
 from gateway.sync import PolicySync
+from gateway.traffic import TrafficServer
 
 __all__ = ["run_worker", "serve"]
 
@@ -41,14 +41,9 @@ def _identity_providers() -> Any:
 def _traffic_server(settings: GatewaySettings, proxy: Proxy) -> TrafficServer:
     return TrafficServer(
         proxy.handle,
-        # A caller that goes away cancels its handler, and so the upstream call.
-        handler_cancellation=True,
-        # Bodies pass through as sent: a decoded body would no longer match
-        # the Content-Length the caller announced for it.
-        auto_decompress=False,
         max_header_size=settings.max_header_size,
         header_timeout_s=settings.header_timeout_s,
-        access_log=access_log if settings.access_log else None,
+        access_log_enabled=settings.access_log,
     )
 
 
@@ -76,10 +71,13 @@ async def serve(settings: GatewaySettings, on_ready: Callable[[], None]) -> None
 
     if await _loaded_before_stop(loaded, stop):
         server = _traffic_server(settings, proxy)
-        runner = await _listen(settings, server)
+        await server.listen(settings.host, settings.port)
+        gateway_log.info("worker serving %s:%d", settings.host, settings.port)
         on_ready()
         await stop.wait()
-        await _drain(runner, server, settings.drain_grace_s)
+        gateway_log.info("worker draining (up to %.1f s)", settings.drain_grace_s)
+        await server.drain(settings.drain_grace_s, _CLOSE_S)
+        await server.close()
 
     flusher.cancel()
     flush()  # the drained requests count too
@@ -94,52 +92,6 @@ async def _loaded_before_stop(loaded: asyncio.Event, stop: asyncio.Event) -> boo
     for task in waits:
         task.cancel()
     return not stop.is_set()
-
-
-async def _listen(settings: GatewaySettings, server: TrafficServer) -> web.ServerRunner:
-    # The drain keeps the grace itself (see _drain); what aiohttp's own
-    # shutdown then finds is closed within a moment.
-    runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=_CLOSE_S)
-    await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.port, reuse_port=True)
-    await site.start()
-    gateway_log.info("worker serving %s:%d", settings.host, settings.port)
-    return runner
-
-
-async def _drain(
-    runner: web.ServerRunner, server: TrafficServer, grace_s: float
-) -> None:
-    """Stop accepting, let in-flight requests finish within the grace, cut the rest.
-
-    aiohttp's shutdown alone would wait the grace, then only ask the handlers
-    to stop (one awaiting its upstream does not notice) and wait as long
-    again. Cancelling a handler closes its upstream and the caller's
-    connection, so a cut stream never passes for a complete one.
-    """
-    gateway_log.info("worker draining (up to %.1f s)", grace_s)
-    for site in list(runner.sites):
-        await site.stop()
-    server.pre_shutdown()  # no request after the one in progress
-    busy = []
-    for connection in list(server.connections):
-        task = connection._task_handler
-        if connection._request_in_progress and task is not None and not task.done():
-            busy.append(task)
-        else:
-            # Idle: closed now, so its caller goes elsewhere at once instead of
-            # waiting out the grace for an answer that would never come.
-            connection.force_close()
-
-    late: set[asyncio.Task[None]] = set()
-    if busy:
-        _, late = await asyncio.wait(busy, timeout=grace_s)
-    if late:
-        gateway_log.warning("drain grace over: cutting %d request(s)", len(late))
-        for task in late:
-            task.cancel()
-        await asyncio.wait(late, timeout=_CLOSE_S)
-    await runner.cleanup()
 
 
 async def _flush_metrics() -> None:

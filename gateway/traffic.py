@@ -1,0 +1,817 @@
+"""The traffic port's HTTP/1.1 server: connections, request heads, framing.
+
+Proxying is what the gateway exists for, and a general-purpose server spent
+a third of each request's CPU building request and response objects. This
+one parses with llhttp (``httptools``, strict: no lenient flag is set) and
+does only what a proxy's caller side needs: limits on request heads, one
+request at a time per connection (pipelined ones wait their turn), the
+request body handed on as it arrives, and response framing. A handler gets a
+:class:`TrafficRequest` and answers through it; everything about the
+connection (keep-alive, chunked coding, HTTP/1.0 callers, the drain) is
+decided here.
+
+What any caller can send is never echoed or logged: a refused head gets a
+fixed JSON answer, and the connection is closed after it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http
+import socket
+from collections import deque
+from collections.abc import Awaitable, Callable
+from email.utils import formatdate
+from typing import cast
+
+import httptools
+import msgspec
+from multidict import CIMultiDict
+
+from gateway.log import access_log, gateway_log
+from gateway.upstream import NO_BODY_STATUS
+
+__all__ = [
+    "Handler",
+    "RequestBody",
+    "TrafficRequest",
+    "TrafficServer",
+    "reason_phrase",
+]
+
+Handler = Callable[["TrafficRequest"], Awaitable[None]]
+
+#: How long a kept-alive connection may stay silent between requests.
+KEEPALIVE_S = 75.0
+
+# Request body buffered before the caller's socket is paused; it is resumed
+# once the handler has taken what is buffered.
+_HIGH_WATER = 256 * 1024
+
+# After an answer that did not wait for the whole request body, the rest of
+# the body is read and dropped for this long before the connection closes:
+# closing with unread bytes would reset it, and the caller could lose the
+# answer.
+_LINGER_S = 2.0
+
+# How often idle connections are swept and the Date header is renewed.
+_TICK_S = 1.0
+
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_CHUNKED = b"Transfer-Encoding: chunked\r\n"
+_CLOSE = b"Connection: close\r\n"
+_KEEP_ALIVE = b"Connection: keep-alive\r\n"
+_LAST_CHUNK = b"0\r\n\r\n"
+
+# Bodies up to this size are framed by concatenation (one copy); larger ones
+# are written as a vector, without copying.
+_SMALL_CHUNK = 16 * 1024
+
+_json = msgspec.json.Encoder()
+
+
+def reason_phrase(status: int) -> bytes:
+    """The standard reason phrase of a status."""
+    try:
+        return http.HTTPStatus(status).phrase.encode("latin-1")
+    except ValueError:
+        return b"Unknown"
+
+
+class _Refusal(Exception):
+    """A request head the gateway answers itself, then closes the connection."""
+
+    def __init__(self, status: int, error: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.error = error
+        self.message = message
+
+
+# The fixed answers, as _Refusal arguments: an exception raised anew each time
+# (one instance raised again would keep every traceback it went through).
+_MALFORMED = (400, "bad_request", "Malformed HTTP request")
+_TARGET_TOO_LONG = (
+    414,
+    "uri_too_long",
+    "The request target is longer than the gateway accepts",
+)
+_LINE_TOO_LONG = (
+    431,
+    "header_too_large",
+    "A request header line is longer than the gateway accepts",
+)
+_HEAD_TOO_LARGE = (
+    431,
+    "header_too_large",
+    "The request headers are larger than the gateway accepts",
+)
+
+
+class RequestBody:
+    """A request body as it arrives; :meth:`read` hands on what is buffered."""
+
+    __slots__ = ("_chunks", "_conn", "_error", "_size", "_waiter", "done")
+
+    def __init__(self, conn: _Connection) -> None:
+        self._conn = conn
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self._waiter: asyncio.Future[None] | None = None
+        self._error: BaseException | None = None
+        self.done = False
+
+    @property
+    def buffered(self) -> int:
+        return self._size
+
+    def feed(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self._size += len(data)
+        self._wake()
+
+    def end(self) -> None:
+        self.done = True
+        self._wake()
+
+    def fail(self, error: BaseException) -> None:
+        if not self.done:
+            self._error = error
+            self._wake()
+
+    async def read(self) -> bytes:
+        """What arrived since the last read; ``b""`` once the body is complete.
+
+        Raises ConnectionResetError when the caller goes away mid-body.
+        """
+        while not self._chunks:
+            if self.done:
+                return b""
+            if self._error is not None:
+                raise self._error
+            waiter = self._conn.loop.create_future()
+            self._waiter = waiter
+            try:
+                await waiter
+            finally:
+                self._waiter = None
+        chunks = self._chunks
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        self._chunks = []
+        self._size = 0
+        self._conn.update_reading()
+        return data
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+
+class TrafficRequest:
+    """One request of a caller, and the way to answer it.
+
+    ``target`` is the raw request target, decoded as UTF-8 with surrogate
+    escapes so that it encodes back to the bytes the caller sent; header
+    names and values likewise. ``content_length`` is None for a chunked body.
+    """
+
+    __slots__ = (
+        "_chunked",
+        "_close_after",
+        "_conn",
+        "body",
+        "content_length",
+        "finished",
+        "headers",
+        "host",
+        "keep_alive",
+        "method",
+        "refusal",
+        "remote",
+        "started",
+        "status",
+        "target",
+        "version",
+    )
+
+    scheme = "http"
+
+    def __init__(
+        self,
+        conn: _Connection,
+        method: str,
+        target: str,
+        version: str,
+        headers: CIMultiDict[str],
+        keep_alive: bool,
+    ) -> None:
+        self._conn = conn
+        self.method = method
+        self.target = target
+        self.version = version
+        self.headers = headers
+        self.keep_alive = keep_alive
+        self.remote = conn.remote
+        self.host: str | None = None
+        self.content_length: int | None = None
+        self.body: RequestBody | None = None
+        self.refusal: _Refusal | None = None
+        self.started = False
+        self.finished = False
+        self.status = 0
+        self._chunked = False
+        self._close_after = False
+
+    # --- answering --------------------------------------------------------------
+
+    def send_continue(self) -> None:
+        """Tell an ``Expect: 100-continue`` caller to send its body now."""
+        if self.version == "1.1" and not self.started:
+            self._conn.write(_CONTINUE)
+
+    def send_head(
+        self,
+        status: int,
+        reason: bytes,
+        lines: bytes,
+        *,
+        length_known: bool,
+        has_date: bool,
+        data: bytes = b"",
+        last: bool = False,
+    ) -> None:
+        """Write the status line and ``lines`` (header lines, each with CRLF).
+
+        The framing of the body is added here: ``length_known`` says the
+        lines hold a Content-Length; otherwise an HTTP/1.1 caller gets the
+        body chunked and an HTTP/1.0 caller gets it up to the close. ``data``
+        is the start of the body, ``last`` that it is the whole body.
+        """
+        if self.started:
+            return  # answered already (a refusal came first)
+        conn = self._conn
+        version = b"HTTP/1.0 " if self.version == "1.0" else b"HTTP/1.1 "
+        parts = [version, b"%d %b\r\n" % (status, reason), lines]
+        if not has_date:
+            parts.append(conn.server.date_line)
+
+        bodiless = self.method == "HEAD" or status in NO_BODY_STATUS
+        close = not self.keep_alive or conn.closing
+        if not (bodiless or length_known):
+            if self.version == "1.1":
+                self._chunked = True
+                parts.append(_CHUNKED)
+            else:
+                close = True
+        if close:
+            parts.append(_CLOSE)
+        elif self.version == "1.0":
+            parts.append(_KEEP_ALIVE)
+        parts.append(b"\r\n")
+
+        self.started = True
+        self.status = status
+        self._close_after = close
+        if bodiless:
+            data = b""
+            self._chunked = False
+        if data:
+            parts.append(self._framed(data) if self._chunked else data)
+        if last:
+            if self._chunked:
+                parts.append(_LAST_CHUNK)
+            self.finished = True
+        conn.write(b"".join(parts))
+
+    async def send_body(self, data: bytes) -> None:
+        """Write a piece of the body; waits while the caller is slow to read."""
+        if self.finished:
+            return
+        conn = self._conn
+        if self._chunked:
+            if len(data) > _SMALL_CHUNK:
+                conn.writelines((b"%x\r\n" % len(data), data, b"\r\n"))
+            else:
+                conn.write(self._framed(data))
+        else:
+            conn.write(data)
+        if conn.write_paused:
+            await conn.drained()
+
+    def end(self, data: bytes = b"") -> None:
+        """Write the rest of the body, if any, and its end."""
+        if self.finished:
+            return
+        conn = self._conn
+        if self._chunked:
+            conn.write(self._framed(data) + _LAST_CHUNK if data else _LAST_CHUNK)
+        elif data:
+            conn.write(data)
+        self.finished = True
+
+    def send_error(
+        self,
+        status: int,
+        error: str,
+        message: str,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        """The gateway's own answer: ``{"error", "message"}`` as JSON."""
+        body = _json.encode({"error": error, "message": message})
+        lines = b"Content-Type: application/json\r\nContent-Length: %d\r\n" % len(body)
+        if headers:
+            extra = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+            lines += extra.encode("latin-1")
+        self.send_head(
+            status,
+            reason_phrase(status),
+            lines,
+            length_known=True,
+            has_date=False,
+            data=body,
+            last=True,
+        )
+
+    def abort(self) -> None:
+        """Cut the caller's connection: a truncated body must not pass as whole."""
+        self._conn.abort()
+
+    @staticmethod
+    def _framed(data: bytes) -> bytes:
+        return b"%x\r\n%b\r\n" % (len(data), data)
+
+
+class _Connection(asyncio.Protocol):
+    """One caller's connection: parses requests, runs them one at a time."""
+
+    def __init__(self, server: TrafficServer) -> None:
+        self.server = server
+        self.loop = server.loop
+        self.transport: asyncio.Transport | None = None
+        self.remote = ""
+        self._parser = httptools.HttpRequestParser(self)
+        self._line_limit = server.line_limit
+        self._head_limit = server.head_limit
+
+        # The head being parsed.
+        self._url = b""
+        self._headers: list[tuple[str, str]] = []
+        self._in_head = False
+        self._head_bytes = 0
+        self._head_timer: asyncio.TimerHandle | None = None
+
+        # Parsed requests not yet answered; the first one is being served.
+        self._queue: deque[TrafficRequest] = deque()
+        self._receiving: TrafficRequest | None = None
+        self.task: asyncio.Task[None] | None = None
+
+        self.closing = False  # no request is served after the current one
+        self._stopped = False  # nothing more is parsed
+        self._lost = False
+        self._reading_paused = False
+        self.write_paused = False
+        self._drain: asyncio.Future[None] | None = None
+        self.idle_since = self.loop.time()
+        self._linger_timer: asyncio.TimerHandle | None = None
+
+    # --- asyncio.Protocol -------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses.
+        self.transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple):
+            self.remote = str(peer[0])
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.server.connections.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self._stopped:
+            return
+        if self._in_head or self._receiving is None:
+            # The bytes of a head are counted as they arrive: a header line
+            # without end would otherwise grow in the parser's buffer.
+            self._head_bytes += len(data)
+            if self._head_bytes > self._head_limit:
+                self._refuse(_Refusal(*_HEAD_TOO_LARGE))
+                return
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._upgrade_requested()
+        except httptools.HttpParserError as exc:
+            refusal = exc.__context__
+            if not isinstance(refusal, _Refusal):
+                refusal = _Refusal(*_MALFORMED)
+            self._refuse(refusal)
+            return
+        if self.task is None and self._queue:
+            self._serve_next()
+        if self._in_head and self._head_timer is None:
+            # A head has begun and is not complete: it must be within the bound.
+            self._head_timer = self.loop.call_later(
+                self.server.header_timeout_s, self._head_timed_out
+            )
+        self.update_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
+        self.server.connections.discard(self)
+        self._cancel_timers()
+        gone = ConnectionResetError("the caller closed the connection")
+        for request in self._queue:
+            if request.body is not None:
+                request.body.fail(gone)
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_exception(gone)
+        if self.task is not None:
+            # A caller that goes away cancels its request, and so the upstream
+            # call.
+            self.task.cancel()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_result(None)
+
+    # --- llhttp callbacks -------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._in_head = True
+        self._url = b""
+        self._headers = []
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        if len(self._url) > self._line_limit:
+            raise _Refusal(*_TARGET_TOO_LONG)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self._in_head:
+            return  # trailers of a chunked body are not passed on
+        if len(name) + len(value) + 2 > self._line_limit:
+            raise _Refusal(*_LINE_TOO_LONG)
+        # Optional whitespace around a value is not part of it (RFC 9110 5.5).
+        self._headers.append((_text(name), _text(value.strip(b" \t"))))
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._head_bytes = 0
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        if self.closing:
+            self._stopped = True  # a request after the last one served: ignored
+            return
+
+        parser = self._parser
+        request = TrafficRequest(
+            self,
+            parser.get_method().decode("latin-1"),
+            _text(self._url),
+            parser.get_http_version(),
+            CIMultiDict(self._headers),
+            parser.should_keep_alive(),
+        )
+        _frame_body(request, self)
+        if request.refusal is not None:
+            self._stopped = True  # answered, then closed: nothing after it
+        self._receiving = request
+        self._queue.append(request)
+
+    def on_body(self, body: bytes) -> None:
+        request = self._receiving
+        if request is not None and request.body is not None:
+            request.body.feed(body)
+
+    def on_message_complete(self) -> None:
+        request = self._receiving
+        self._receiving = None
+        if request is None:
+            return
+        if request.body is not None:
+            request.body.end()
+
+    # --- refusals ---------------------------------------------------------------
+
+    def _refuse(self, refusal: _Refusal) -> None:
+        """Answer after the requests before it, then close; parse no more."""
+        self._stopped = True
+        self._in_head = False
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        receiving = self._receiving
+        self._receiving = None
+        if receiving is not None and receiving.body is not None:
+            # The framing of a body is broken (a bad chunk, or a coding that
+            # llhttp refuses once the head is in): that request is refused.
+            self._refuse_request(receiving, refusal)
+        else:
+            request = TrafficRequest(self, "GET", "", "1.1", CIMultiDict(), False)
+            request.refusal = refusal
+            self._queue.append(request)
+        if self.task is None and self._queue:
+            self._serve_next()
+        self.update_reading()
+
+    def _refuse_request(self, request: TrafficRequest, refusal: _Refusal) -> None:
+        request.body = None
+        request.keep_alive = False
+        if request is not self._queue[0] or self.task is None:
+            request.refusal = refusal  # answered when its turn comes
+            return
+        # Being served: answered now if nothing of the answer left yet, and
+        # the handler (and so its upstream call) is cancelled.
+        if not request.started:
+            request.send_error(refusal.status, refusal.error, refusal.message)
+        else:
+            self.abort()
+        self.task.cancel()
+
+    def _upgrade_requested(self) -> None:
+        # The gateway does not switch protocols: the request is answered as
+        # any other, and the connection closes after it, so that nothing sent
+        # after the head (in what the caller took for another protocol) is
+        # ever parsed as HTTP. llhttp skips an upgrade request's body, so one
+        # that announces a body cannot be served.
+        self._stopped = True
+        request = self._queue[-1] if self._queue else None
+        if request is None:
+            return
+        request.keep_alive = False
+        if request.body is not None:
+            request.refusal = _Refusal(*_MALFORMED)
+            request.body = None
+        self._receiving = None
+        self.update_reading()
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self._reading_paused:
+            # Our own pause held the head back, not the caller.
+            self._head_timer = self.loop.call_later(
+                self.server.header_timeout_s, self._head_timed_out
+            )
+            return
+        self._close()
+
+    # --- serving ----------------------------------------------------------------
+
+    def _serve_next(self) -> None:
+        request = self._queue[0]
+        self.task = self.loop.create_task(self._serve(request))
+
+    async def _serve(self, request: TrafficRequest) -> None:
+        try:
+            if request.refusal is not None:
+                refusal = request.refusal
+                request.keep_alive = False
+                request.send_error(refusal.status, refusal.error, refusal.message)
+            else:
+                await self.server.handler(request)
+        except ConnectionError:
+            self.abort()  # the caller went away, or broke its own request
+        except Exception:
+            gateway_log.exception("unexpected error serving a request")
+            if not request.started:
+                request.keep_alive = False
+                request.send_error(
+                    500, "internal_error", "The gateway could not answer this request"
+                )
+        finally:
+            self._served(request)
+
+    def _served(self, request: TrafficRequest) -> None:
+        self.task = None
+        self._queue.popleft()
+        if self._lost:
+            return
+        if not request.finished:
+            # Cut mid-answer (or never answered): the caller must not take a
+            # partial body for a complete one.
+            self.abort()
+            return
+        self.server.log_access(request)
+
+        body = request.body
+        if request._close_after or self.closing or (body is not None and not body.done):
+            self._linger()
+            return
+        self.idle_since = self.loop.time()
+        if self._queue:
+            self._serve_next()
+        self.update_reading()
+
+    def _linger(self) -> None:
+        """Close after the answer, without losing it.
+
+        Closing a socket with unread bytes resets it, and the reset can
+        overtake the answer. So the sending side is shut, what the caller
+        still sends is read and dropped, and the connection closes when the
+        caller closes its side, or after a moment.
+        """
+        self.closing = True
+        self._stopped = True
+        self._cancel_timers()
+        transport = self.transport
+        if transport is None or self._lost:
+            return
+        if transport.can_write_eof():
+            transport.write_eof()
+        if self._reading_paused:
+            self._reading_paused = False
+            transport.resume_reading()
+        self._linger_timer = self.loop.call_later(_LINGER_S, self._close)
+
+    # --- transport --------------------------------------------------------------
+
+    def update_reading(self) -> None:
+        """Pause the caller's socket while requests or body bytes pile up."""
+        transport = self.transport
+        if transport is None or self._lost:
+            return
+        receiving = self._receiving
+        if self._stopped and self.closing:
+            return  # lingering: reading goes on, to drop what comes
+        pause = len(self._queue) > 1 or (
+            receiving is not None
+            and receiving.body is not None
+            and receiving.body.buffered > _HIGH_WATER
+        )
+        if pause and not self._reading_paused:
+            self._reading_paused = True
+            transport.pause_reading()
+        elif not pause and self._reading_paused:
+            self._reading_paused = False
+            transport.resume_reading()
+
+    def write(self, data: bytes) -> None:
+        if not self._lost and self.transport is not None:
+            self.transport.write(data)
+
+    def writelines(self, data: tuple[bytes, ...]) -> None:
+        if not self._lost and self.transport is not None:
+            self.transport.writelines(data)
+
+    async def drained(self) -> None:
+        if self._lost:
+            raise ConnectionResetError("the caller closed the connection")
+        if self.write_paused:
+            self._drain = self.loop.create_future()
+            await self._drain
+
+    @property
+    def idle(self) -> bool:
+        return self.task is None and not self._in_head and not self._queue
+
+    def close_if_idle_since(self, before: float) -> None:
+        if self.idle and self.idle_since < before:
+            self._close()
+
+    def _close(self) -> None:
+        self._cancel_timers()
+        if self.transport is not None and not self._lost:
+            self.transport.close()
+
+    def abort(self) -> None:
+        self._cancel_timers()
+        if self.transport is not None and not self._lost:
+            self.transport.abort()
+
+    def _cancel_timers(self) -> None:
+        for timer in (self._head_timer, self._linger_timer):
+            if timer is not None:
+                timer.cancel()
+        self._head_timer = self._linger_timer = None
+
+
+def _text(raw: bytes) -> str:
+    # Surrogate escapes keep bytes that are not UTF-8: they encode back as sent.
+    return raw.decode("utf-8", "surrogateescape")
+
+
+def _frame_body(request: TrafficRequest, conn: _Connection) -> None:
+    """Host, and the body the head announces (llhttp checked its framing)."""
+    headers = request.headers
+    hosts = headers.getall("Host", ())
+    if len(hosts) > 1 or (not hosts and request.version == "1.1"):
+        # RFC 9112 section 3.2: exactly one Host in an HTTP/1.1 request.
+        request.refusal = _Refusal(*_MALFORMED)
+        request.keep_alive = False
+        return
+    if hosts:
+        request.host = hosts[0]
+
+    if "Transfer-Encoding" in headers:
+        request.body = RequestBody(conn)
+        return
+    length = headers.get("Content-Length")
+    if length is not None:
+        request.content_length = int(length)
+        if request.content_length > 0:
+            request.body = RequestBody(conn)
+
+
+class TrafficServer:
+    """The traffic port of one worker.
+
+    ``max_header_size`` bounds each header line, counted as name, ": " and
+    value (431 beyond), and the request target (414 beyond); a head as a
+    whole may hold four such lines and 64 KiB more. A head must be complete
+    within ``header_timeout_s`` seconds of its first byte, or the connection
+    is closed.
+    """
+
+    def __init__(
+        self,
+        handler: Handler,
+        *,
+        max_header_size: int,
+        header_timeout_s: float,
+        access_log_enabled: bool = False,
+        keepalive_s: float = KEEPALIVE_S,
+    ) -> None:
+        self.handler = handler
+        self.line_limit = max_header_size
+        self.head_limit = 4 * max_header_size + 64 * 1024
+        self.header_timeout_s = header_timeout_s
+        self.keepalive_s = keepalive_s
+        self.access_log = access_log_enabled
+        self.loop = asyncio.get_running_loop()
+        self.connections: set[_Connection] = set()
+        self.date_line = b""
+        self._listeners: list[asyncio.Server] = []
+        self._ticker: asyncio.TimerHandle | None = None
+        self._tick()
+
+    def _tick(self) -> None:
+        self.date_line = b"Date: %b\r\n" % formatdate(usegmt=True).encode()
+        before = self.loop.time() - self.keepalive_s
+        for conn in list(self.connections):
+            conn.close_if_idle_since(before)
+        self._ticker = self.loop.call_later(_TICK_S, self._tick)
+
+    def _connection(self) -> _Connection:
+        return _Connection(self)
+
+    async def listen(self, host: str, port: int) -> None:
+        listener = await self.loop.create_server(
+            self._connection, host, port, reuse_port=True, backlog=1024
+        )
+        self._listeners.append(listener)
+
+    def log_access(self, request: TrafficRequest) -> None:
+        if self.access_log:
+            path = request.target.partition("?")[0]  # a query may carry secrets
+            access_log.info(
+                '%s "%s %s HTTP/%s" %d',
+                request.remote,
+                request.method,
+                path,
+                request.version,
+                request.status,
+            )
+
+    async def drain(self, grace_s: float, close_s: float) -> int:
+        """Stop accepting, let requests in progress finish within the grace.
+
+        Idle connections are closed at once, so that their callers go
+        elsewhere instead of waiting out the grace. Requests still running
+        after it are cancelled, which closes their upstream and their
+        caller's connection. Returns how many were cut.
+        """
+        for listener in self._listeners:
+            listener.close()
+        busy = []
+        for conn in list(self.connections):
+            conn.closing = True
+            if conn.task is None:
+                conn._close()
+            else:
+                busy.append(conn.task)
+
+        late: set[asyncio.Task[None]] = set()
+        if busy:
+            _, late = await asyncio.wait(busy, timeout=grace_s)
+        if late:
+            gateway_log.warning("drain grace over: cutting %d request(s)", len(late))
+            for task in late:
+                task.cancel()
+            await asyncio.wait(late, timeout=close_s)
+        return len(late)
+
+    async def close(self) -> None:
+        if self._ticker is not None:
+            self._ticker.cancel()
+        for conn in list(self.connections):
+            conn.abort()
+        for listener in self._listeners:
+            listener.close()
+            await listener.wait_closed()

@@ -1,0 +1,538 @@
+"""The traffic port's HTTP server, in process on uvloop, driven over real sockets.
+
+The handler here records what the server made of each request and answers
+by what the path asks; every test sends raw bytes, as a hostile caller
+would, and checks the exact answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+from collections.abc import AsyncIterator
+
+import msgspec
+import pytest
+
+from gateway.traffic import TrafficRequest, TrafficServer
+
+UVLOOP = True  # the loop the gateway runs on (see tests/conftest.py)
+
+
+class Recorder:
+    """The handler: records requests, answers as the path says."""
+
+    def __init__(self) -> None:
+        self.seen: list[dict[str, object]] = []
+        self.release = asyncio.Event()
+        self.cancelled = 0
+
+    async def __call__(self, request: TrafficRequest) -> None:
+        body = b""
+        path = request.target
+        if path.startswith("/reject"):
+            # Answers without reading the body, as a refusal does.
+            self._record(request, None)
+            request.send_error(401, "unauthorized", "no", {"WWW-Authenticate": "x"})
+            return
+        if path.startswith("/continue"):
+            request.send_continue()
+        if request.body is not None:
+            while data := await request.body.read():
+                body += data
+        self._record(request, body)
+        if path.startswith("/wait"):
+            try:
+                await self.release.wait()
+            except asyncio.CancelledError:
+                self.cancelled += 1
+                raise
+        if path.startswith("/stream"):
+            request.send_head(200, b"OK", b"", length_known=False, has_date=True)
+            for piece in (b"one", b"two"):
+                await request.send_body(piece)
+            request.end(b"three")
+            return
+        answer = msgspec.json.encode({"n": len(self.seen), "body": body.decode()})
+        lines = b"Content-Length: %d\r\n" % len(answer)
+        request.send_head(
+            200, b"OK", lines, length_known=True, has_date=True, data=answer, last=True
+        )
+
+    def _record(self, request: TrafficRequest, body: bytes | None) -> None:
+        self.seen.append(
+            {
+                "method": request.method,
+                "target": request.target,
+                "version": request.version,
+                "headers": list(request.headers.items()),
+                "host": request.host,
+                "length": request.content_length,
+                "body": body,
+            }
+        )
+
+
+@pytest.fixture
+def recorder() -> Recorder:
+    return Recorder()
+
+
+class Server:
+    def __init__(self, server: TrafficServer, port: int) -> None:
+        self.server = server
+        self.port = port
+
+
+@pytest.fixture
+async def served(recorder: Recorder) -> AsyncIterator[Server]:
+    server = TrafficServer(recorder, max_header_size=1024, header_timeout_s=0.3)
+    await server.listen("127.0.0.1", 0)
+    port = server._listeners[0].sockets[0].getsockname()[1]
+    yield Server(server, port)
+    await server.close()
+
+
+async def _exchange(port: int, request: bytes, wait_s: float = 3.0) -> bytes:
+    """Everything the server sends back until it closes (or ``<OPEN>``)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(request)
+    got = bytearray()
+    try:
+        async with asyncio.timeout(wait_s):
+            while data := await reader.read(65536):
+                got += data
+    except TimeoutError:
+        got += b"<OPEN>"
+    writer.close()
+    with contextlib.suppress(ConnectionError):
+        await writer.wait_closed()
+    return bytes(got)
+
+
+def _statuses(answer: bytes) -> list[bytes]:
+    return re.findall(rb"HTTP/1\.[01] (\d{3}) ", answer)
+
+
+_BAD = b'{"error":"bad_request","message":"Malformed HTTP request"}'
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        # Both framings: which one ends the body is where smuggling starts.
+        b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n",
+        b"POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n"
+        b"Content-Length: 4\r\n\r\n",
+        b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\n"
+        b"Content-Length: 5\r\n\r\n",
+        b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 4, 4\r\n\r\n",
+        b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: +4\r\n\r\n",
+        b"POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
+        b"POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: xchunked\r\n\r\n",
+        b"POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding : chunked\r\n\r\n",
+        b"GET /x HTTP/1.1\r\nHost: a\r\n folded: line\r\n\r\n",
+        b"GET /x HTTP/1.1\r\nHost: a\r\nX: a\r\n  folded\r\n\r\n",
+        b"GET /x HTTP/1.1\nHost: a\n\n",
+        b"GET /x HTTP/1.1\r\nHost: a\r\nX: a\x00b\r\n\r\n",
+        b"GET /x HTTP/1.1\r\nHost: a\r\nX\x7f: a\r\n\r\n",
+        b"GET /x y HTTP/1.1\r\nHost: a\r\n\r\n",
+        b"GET /x HTTP/1.1\r\n\r\n",
+        b"GET /x HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+        b"G\x01T /x HTTP/1.1\r\nHost: a\r\n\r\n",
+    ],
+    ids=[
+        "cl-then-te",
+        "te-then-cl",
+        "two-lengths",
+        "length-list",
+        "signed-length",
+        "chunked-not-last",
+        "unknown-coding",
+        "space-before-colon",
+        "fold-first",
+        "fold-later",
+        "bare-lf",
+        "nul-in-value",
+        "control-in-name",
+        "space-in-target",
+        "no-host",
+        "two-hosts",
+        "bad-method",
+    ],
+)
+async def test_traffic_malformed_head_is_400_and_nothing_after_it_is_parsed(
+    served: Server, recorder: Recorder, head: bytes
+) -> None:
+    smuggled = b"GET /smuggled HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n"
+
+    answer = await _exchange(served.port, head + b"abcd" + smuggled)
+
+    assert _statuses(answer) == [b"400"]
+    assert answer.endswith(b"\r\nConnection: close\r\n\r\n" + _BAD)
+    assert recorder.seen == []
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["one-read", "later-read"])
+async def test_traffic_bad_chunk_is_400_and_nothing_after_it_is_parsed(
+    served: Server, recorder: Recorder, split: bool
+) -> None:
+    head = (
+        b"POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n"
+    )
+    rest = b"zz\r\nGET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n"
+    reader, writer = await asyncio.open_connection("127.0.0.1", served.port)
+    writer.write(head)
+    if split:
+        # The handler is reading the body when the bad chunk comes.
+        await asyncio.sleep(0.1)
+    writer.write(rest)
+    answer = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+
+    assert _statuses(answer) == [b"400"]
+    assert answer.endswith(b"\r\nConnection: close\r\n\r\n" + _BAD)
+    assert recorder.seen == []
+
+
+async def test_traffic_chunked_body_is_decoded_with_no_length(
+    served: Server, recorder: Recorder
+) -> None:
+    request = (
+        b"POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n"
+        b"Connection: close\r\n\r\n"
+        b"3\r\nabc\r\n2;ext=1\r\nde\r\n0\r\nX-Trailer: t\r\n\r\n"
+    )
+
+    answer = await _exchange(served.port, request)
+
+    assert answer.endswith(b'{"n":1,"body":"abcde"}')
+    assert recorder.seen[0]["length"] is None
+    names = [name for name, _ in recorder.seen[0]["headers"]]  # type: ignore[attr-defined]
+    assert "X-Trailer" not in names
+
+
+async def test_traffic_pipelined_requests_are_answered_in_order(
+    served: Server, recorder: Recorder
+) -> None:
+    requests = (
+        b"POST /a HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\none"
+        b"GET /b HTTP/1.1\r\nHost: a\r\n\r\n"
+        b"POST /c HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n"
+        b"Connection: close\r\n\r\nthree"
+    )
+
+    answer = await _exchange(served.port, requests)
+
+    bodies = re.findall(rb'\{"n":\d,"body":"\w*"\}', answer)
+    assert bodies == [
+        b'{"n":1,"body":"one"}',
+        b'{"n":2,"body":""}',
+        b'{"n":3,"body":"three"}',
+    ]
+    assert [seen["target"] for seen in recorder.seen] == ["/a", "/b", "/c"]
+
+
+async def test_traffic_malformed_request_after_good_ones_is_answered_last(
+    served: Server, recorder: Recorder
+) -> None:
+    requests = (
+        b"GET /a HTTP/1.1\r\nHost: a\r\n\r\n"
+        b"GET /b HTTP/1.1\r\nHost: a\r\nContent-Length: x\r\n\r\n"
+        b"GET /c HTTP/1.1\r\nHost: a\r\n\r\n"
+    )
+
+    answer = await _exchange(served.port, requests)
+
+    assert _statuses(answer) == [b"200", b"400"]
+    assert answer.endswith(_BAD)
+    assert [seen["target"] for seen in recorder.seen] == ["/a"]
+
+
+async def test_traffic_header_values_lose_surrounding_whitespace_only(
+    served: Server, recorder: Recorder
+) -> None:
+    request = (
+        b"GET /x HTTP/1.1\r\nHost: a\r\nX-V: \t a \t b \t\r\nConnection: close\r\n\r\n"
+    )
+
+    await _exchange(served.port, request)
+
+    assert ("X-V", "a \t b") in recorder.seen[0]["headers"]  # type: ignore[operator]
+
+
+async def test_traffic_header_bytes_that_are_not_utf8_survive_the_round_trip(
+    served: Server, recorder: Recorder
+) -> None:
+    request = b"GET /x HTTP/1.1\r\nHost: a\r\nX-N: caf\xe9\r\nConnection: close\r\n\r\n"
+
+    await _exchange(served.port, request)
+
+    value = dict(recorder.seen[0]["headers"])["X-N"]  # type: ignore[call-overload]
+    assert value.encode("utf-8", "surrogateescape") == b"caf\xe9"
+
+
+async def test_traffic_target_must_be_ascii(served: Server, recorder: Recorder) -> None:
+    # RFC 3986: other bytes are percent-encoded; a raw one is refused.
+    request = b"GET /caf\xe9 HTTP/1.1\r\nHost: a\r\n\r\n"
+
+    answer = await _exchange(served.port, request)
+
+    assert _statuses(answer) == [b"400"]
+    assert recorder.seen == []
+
+
+@pytest.mark.parametrize(
+    ("line", "status"),
+    [
+        (b"X-L: " + b"v" * (1024 - 5), b"200"),
+        (b"X-L: " + b"v" * (1024 - 4), b"431"),
+        (b"X-" + b"n" * 1020 + b": v", b"431"),
+    ],
+    ids=["at-limit", "over-by-one", "long-name"],
+)
+async def test_traffic_header_line_limit_is_exact(
+    served: Server, line: bytes, status: bytes
+) -> None:
+    request = b"GET /x HTTP/1.1\r\nHost: a\r\n%b\r\nConnection: close\r\n\r\n" % line
+
+    answer = await _exchange(served.port, request)
+
+    assert _statuses(answer) == [status]
+    assert b"vvvv" not in answer.partition(b"\r\n\r\n")[2]
+
+
+async def test_traffic_head_as_a_whole_is_bounded(served: Server) -> None:
+    # Each line is within the limit; together they pass 4 lines and 64 KiB.
+    lines = b"".join(b"X-%d: %b\r\n" % (i, b"v" * 1000) for i in range(80))
+    request = b"GET /x HTTP/1.1\r\nHost: a\r\n%b\r\n" % lines
+
+    answer = await _exchange(served.port, request)
+
+    assert _statuses(answer) == [b"431"]
+    assert answer.endswith(
+        b'{"error":"header_too_large",'
+        b'"message":"The request headers are larger than the gateway accepts"}'
+    )
+
+
+async def test_traffic_endless_header_line_is_refused_without_waiting_for_its_end(
+    served: Server,
+) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", served.port)
+    writer.write(b"GET /x HTTP/1.1\r\nHost: a\r\nX-Endless: ")
+    with contextlib.suppress(ConnectionError):
+        for _ in range(200):
+            writer.write(b"v" * 1024)
+            await writer.drain()
+    answer = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+
+    assert _statuses(answer) == [b"431"]
+
+
+async def test_traffic_upgrade_is_answered_as_http_then_closed(
+    served: Server, recorder: Recorder
+) -> None:
+    request = (
+        b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\n"
+        b"Upgrade: websocket\r\n\r\n"
+        b"GET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n"
+    )
+
+    answer = await _exchange(served.port, request)
+
+    assert _statuses(answer) == [b"200"]
+    assert b"\r\nConnection: close\r\n" in answer
+    assert [seen["target"] for seen in recorder.seen] == ["/ws"]
+
+
+async def test_traffic_upgrade_with_a_body_is_400(
+    served: Server, recorder: Recorder
+) -> None:
+    request = (
+        b"POST /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n"
+        b"Content-Length: 4\r\n\r\nabcd"
+    )
+
+    answer = await _exchange(served.port, request)
+
+    assert _statuses(answer) == [b"400"]
+    assert recorder.seen == []
+
+
+async def test_traffic_expect_continue_gets_100_before_the_answer(
+    served: Server, recorder: Recorder
+) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", served.port)
+    writer.write(
+        b"POST /continue HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\n"
+        b"Content-Length: 2\r\nConnection: close\r\n\r\n"
+    )
+    interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    writer.write(b"ok")
+    answer = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+
+    assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+    assert answer.endswith(b'{"n":1,"body":"ok"}')
+
+
+async def test_traffic_answer_before_the_body_ends_drops_the_rest_then_closes(
+    served: Server, recorder: Recorder
+) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", served.port)
+    writer.write(b"POST /reject HTTP/1.1\r\nHost: a\r\nContent-Length: 100000\r\n\r\n")
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    # The rest of the body, and a request hidden in it: neither is parsed.
+    writer.write(b"GET /hidden HTTP/1.1\r\nHost: a\r\n\r\n" + b"x" * 99966)
+    rest = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+
+    assert head.startswith(b"HTTP/1.1 401 Unauthorized\r\n")
+    assert b"\r\nWWW-Authenticate: x\r\n" in head
+    assert rest == b'{"error":"unauthorized","message":"no"}'
+    assert [seen["target"] for seen in recorder.seen] == ["/reject"]
+
+
+async def test_traffic_streamed_answer_is_chunked_for_http11_and_closed_for_http10(
+    served: Server,
+) -> None:
+    http11 = await _exchange(
+        served.port, b"GET /stream HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+    )
+    http10 = await _exchange(served.port, b"GET /stream HTTP/1.0\r\n\r\n")
+
+    assert http11 == (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+        b"3\r\none\r\n3\r\ntwo\r\n5\r\nthree\r\n0\r\n\r\n"
+    )
+    assert http10 == b"HTTP/1.0 200 OK\r\nConnection: close\r\n\r\nonetwothree"
+
+
+async def test_traffic_http10_keep_alive_is_said_and_kept(served: Server) -> None:
+    answer = await _exchange(
+        served.port, b"GET /x HTTP/1.0\r\nConnection: keep-alive\r\n\r\n", 0.5
+    )
+
+    assert answer.startswith(b"HTTP/1.0 200 OK\r\nContent-Length: 17\r\n")
+    assert b"\r\nConnection: keep-alive\r\n\r\n" in answer
+    assert answer.endswith(b"<OPEN>")
+
+
+async def test_traffic_head_answer_has_no_body(served: Server) -> None:
+    answer = await _exchange(
+        served.port, b"HEAD /reject HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+    )
+
+    assert answer.startswith(b"HTTP/1.1 401 Unauthorized\r\n")
+    assert b"\r\nContent-Length: 39\r\n" in answer
+    assert answer.endswith(b"\r\n\r\n")
+
+
+async def test_traffic_caller_going_away_cancels_its_request(
+    served: Server, recorder: Recorder
+) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", served.port)
+    writer.write(b"GET /wait HTTP/1.1\r\nHost: a\r\n\r\n")
+    for _ in range(100):
+        if recorder.seen:
+            break
+        await asyncio.sleep(0.01)
+    writer.transport.abort()
+    for _ in range(100):
+        if recorder.cancelled:
+            break
+        await asyncio.sleep(0.01)
+
+    assert recorder.cancelled == 1
+    assert served.server.connections == set()
+
+
+async def test_traffic_head_not_complete_in_time_is_closed(served: Server) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", served.port)
+    writer.write(b"GET /x HTTP/1.1\r\nHost: a\r\n")
+
+    assert await asyncio.wait_for(reader.read(), 5) == b""
+    writer.close()
+
+
+async def test_traffic_idle_keep_alive_connection_is_closed_after_the_timeout(
+    recorder: Recorder,
+) -> None:
+    server = TrafficServer(
+        recorder, max_header_size=1024, header_timeout_s=5, keepalive_s=0.2
+    )
+    await server.listen("127.0.0.1", 0)
+    port = server._listeners[0].sockets[0].getsockname()[1]
+    try:
+        answer = await _exchange(port, b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n", 4)
+    finally:
+        await server.close()
+
+    assert answer.endswith(b'{"n":1,"body":""}')  # closed by the server, not <OPEN>
+
+
+async def test_traffic_drain_closes_idle_connections_and_finishes_busy_ones(
+    served: Server, recorder: Recorder
+) -> None:
+    idle_reader, idle_writer = await asyncio.open_connection("127.0.0.1", served.port)
+    idle_writer.write(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
+    await idle_reader.readuntil(b"}")
+    busy_reader, busy_writer = await asyncio.open_connection("127.0.0.1", served.port)
+    busy_writer.write(b"GET /wait HTTP/1.1\r\nHost: a\r\n\r\n")
+    for _ in range(100):
+        if len(recorder.seen) == 2:
+            break
+        await asyncio.sleep(0.01)
+
+    drain = asyncio.create_task(served.server.drain(5.0, 1.0))
+    assert await asyncio.wait_for(idle_reader.read(), 2) == b""
+    recorder.release.set()
+    busy = await asyncio.wait_for(busy_reader.read(), 2)
+
+    assert await drain == 0
+    assert b"\r\nConnection: close\r\n" in busy
+    assert busy.endswith(b'{"n":2,"body":""}')
+    idle_writer.close()
+    busy_writer.close()
+
+
+async def test_traffic_drain_cuts_what_outlasts_the_grace(
+    served: Server, recorder: Recorder
+) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", served.port)
+    writer.write(b"GET /wait HTTP/1.1\r\nHost: a\r\n\r\n")
+    for _ in range(100):
+        if recorder.seen:
+            break
+        await asyncio.sleep(0.01)
+
+    assert await served.server.drain(0.2, 1.0) == 1
+    assert await asyncio.wait_for(reader.read(), 2) == b""
+    assert recorder.cancelled == 1
+    writer.close()
+
+
+async def test_traffic_access_log_names_the_request_without_its_query(
+    recorder: Recorder, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = TrafficServer(
+        recorder, max_header_size=1024, header_timeout_s=5, access_log_enabled=True
+    )
+    await server.listen("127.0.0.1", 0)
+    port = server._listeners[0].sockets[0].getsockname()[1]
+    request = (
+        b"GET /x?access_token=s3cr3t HTTP/1.1\r\nHost: a\r\n"
+        b"Authorization: Bearer s3cr3t\r\nConnection: close\r\n\r\n"
+    )
+    with caplog.at_level(logging.INFO, logger="agw.gateway.access"):
+        await _exchange(port, request)
+    await server.close()
+
+    assert [r.getMessage() for r in caplog.records] == [
+        '127.0.0.1 "GET /x HTTP/1.1" 200'
+    ]
