@@ -358,7 +358,8 @@ class _Connection(asyncio.Protocol):
         self._url = b""
         self._headers: list[tuple[str, str]] = []
         self._in_head = False
-        self._head_bytes = 0
+        self._head_bytes = 0  # bytes of reads wholly within the current head
+        self._head_size = 0  # the header lines of this head so far
         self._head_timer: asyncio.TimerHandle | None = None
 
         # Parsed requests not yet answered; the first one is being served.
@@ -391,13 +392,7 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._stopped:
             return
-        if self._in_head or self._receiving is None:
-            # The bytes of a head are counted as they arrive: a header line
-            # without end would otherwise grow in the parser's buffer.
-            self._head_bytes += len(data)
-            if self._head_bytes > self._head_limit:
-                self._refuse(_Refusal(*_HEAD_TOO_LARGE))
-                return
+        was_in_head = self._in_head
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -410,6 +405,13 @@ class _Connection(asyncio.Protocol):
             return
         if self.task is None and self._queue:
             self._serve_next()
+        if was_in_head and self._in_head:
+            # Reads that fall wholly within one head are counted too: a line
+            # without end grows in the parser's buffer, unseen by on_header.
+            self._head_bytes += len(data)
+            if self._head_bytes > self._head_limit:
+                self._refuse(_Refusal(*_HEAD_TOO_LARGE))
+                return
         if self._in_head and self._head_timer is None:
             # A head has begun and is not complete: it must be within the bound.
             self._head_timer = self.loop.call_later(
@@ -446,6 +448,7 @@ class _Connection(asyncio.Protocol):
         self._in_head = True
         self._url = b""
         self._headers = []
+        self._head_size = 0
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -455,8 +458,13 @@ class _Connection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         if not self._in_head:
             return  # trailers of a chunked body are not passed on
-        if len(name) + len(value) + 2 > self._line_limit:
+        size = len(name) + len(value) + 2
+        if size > self._line_limit:
             raise _Refusal(*_LINE_TOO_LONG)
+        # Counted here too, exactly: a read may end one head and begin the next.
+        self._head_size += size
+        if self._head_size > self._head_limit:
+            raise _Refusal(*_HEAD_TOO_LARGE)
         # Optional whitespace around a value is not part of it (RFC 9110 5.5).
         self._headers.append((_text(name), _text(value.strip(b" \t"))))
 

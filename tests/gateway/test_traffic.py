@@ -536,3 +536,17 @@ async def test_traffic_access_log_names_the_request_without_its_query(
     assert [r.getMessage() for r in caplog.records] == [
         '127.0.0.1 "GET /x HTTP/1.1" 200'
     ]
+
+
+async def test_traffic_head_bound_holds_for_a_head_after_a_pipelined_one(
+    served: Server,
+) -> None:
+    # The second head starts in the read that ends the first: it is bounded
+    # all the same.
+    lines = b"".join(b"X-%d: %b\r\n" % (i, b"v" * 1000) for i in range(80))
+    first = b"GET /a HTTP/1.1\r\nHost: a\r\n\r\n"
+    request = first + b"GET /b HTTP/1.1\r\nHost: a\r\n%b\r\n" % lines
+
+    answer = await _exchange(served.port, request)
+
+    assert _statuses(answer) == [b"200", b"431"]
