@@ -101,6 +101,11 @@ _LINE_TOO_LONG = (
     "header_too_large",
     "A request header line is longer than the gateway accepts",
 )
+_CODING_NOT_IMPLEMENTED = (
+    501,
+    "not_implemented",
+    "Only the chunked transfer coding is accepted",
+)
 _HEAD_TOO_LARGE = (
     431,
     "header_too_large",
@@ -717,7 +722,15 @@ def _frame_body(request: TrafficRequest, conn: _Connection) -> None:
     if hosts:
         request.host = hosts[0]
 
-    if "Transfer-Encoding" in headers:
+    codings = headers.getall("Transfer-Encoding", ())
+    if codings:
+        # llhttp made sure chunked comes last. Any coding before it would
+        # reach the agent undecoded and unannounced (Transfer-Encoding is
+        # hop-by-hop): RFC 9112 section 6.1 answers those with 501.
+        if ",".join(codings).replace(" ", "").lower() != "chunked":
+            request.refusal = _Refusal(*_CODING_NOT_IMPLEMENTED)
+            request.keep_alive = False
+            return
         request.body = RequestBody(conn)
         return
     length = headers.get("Content-Length")
