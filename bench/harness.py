@@ -51,6 +51,7 @@ SUT_CPU = "1"
 LOAD_CPU = "0"
 TOOLS = {"nginx": "nginx", "haproxy": "haproxy", "wrk": "wrk"}
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+GATEWAY = (sys.executable, "-m", "gateway")
 
 # One Lua script drives every row. Arguments: header name, credentials file,
 # first line, line count, value prefix. Requests are formatted once in init so
@@ -284,13 +285,18 @@ def http_status(url: str, headers: dict[str, str] | None = None) -> int:
         return 0
 
 
-def wait_for(stack: Stack, url: str, headers: dict[str, str] | None = None) -> None:
+def wait_for(
+    stack: Stack,
+    url: str,
+    headers: dict[str, str] | None = None,
+    timeout_s: float = 60,
+) -> None:
     """Poll ``url`` until it answers 200, failing fast if a process died."""
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + timeout_s
     while http_status(url, headers) != 200:
         stack.check_alive()
         if time.monotonic() > deadline:
-            raise RuntimeError(f"{url} did not answer 200 within 60 s")
+            raise RuntimeError(f"{url} did not answer 200 within {timeout_s:.0f} s")
         time.sleep(0.2)
 
 
@@ -316,6 +322,15 @@ class Row:
         first = slot * self.per_round
         count = self.per_round or 1_000_000_000
         return [self.header, str(self.credentials), str(first), str(count), self.prefix]
+
+    def header_values(self, slot: int) -> list[str]:
+        """What ``wrk_args(slot)`` makes the Lua script send, for other clients."""
+        if not self.header or self.credentials is None:
+            return []
+        lines = self.credentials.read_text().splitlines()
+        if self.per_round:
+            lines = lines[slot * self.per_round : (slot + 1) * self.per_round]
+        return [self.prefix + line for line in lines if line]
 
     def headers(self) -> dict[str, str]:
         if not self.header or self.credentials is None:
@@ -439,8 +454,18 @@ def start_haproxy(stack: Stack, ports: Ports, public_key: Path) -> None:
     stack.start("haproxy", SUT_CPU, [haproxy, "-db", "-f", str(config)])
 
 
-def start_ours(stack: Stack, ports: Ports, environment: str) -> str:
-    """Control plane (for setup) and one gateway worker on the embedded store."""
+def start_ours(
+    stack: Stack,
+    ports: Ports,
+    environment: str,
+    gateway: Sequence[str] = GATEWAY,
+    ready_s: float = 60,
+) -> str:
+    """Control plane (for setup) and one gateway worker on the embedded store.
+
+    ``gateway`` is the command that runs ``python -m gateway``'s main with the
+    flags that follow it; ``ready_s`` how long its worker may take to start.
+    """
     store = str(stack.root / "store")
     token_file = stack.root / "admin-token"
     token_file.touch(mode=0o600)
@@ -451,7 +476,7 @@ def start_ours(stack: Stack, ports: Ports, environment: str) -> str:
         "--port", str(ports.controlplane),
     ])  # fmt: skip
     stack.start("gateway", SUT_CPU, [
-        sys.executable, "-m", "gateway", "--store", store,
+        *gateway, "--store", store,
         "--environment", environment, "--host", HOST,
         "--port", str(ports.gateway), "--admin-port", str(ports.management),
         "--workers", "1",
@@ -459,7 +484,7 @@ def start_ours(stack: Stack, ports: Ports, environment: str) -> str:
     token = token_file.read_text()
     api = f"http://{HOST}:{ports.controlplane}/api/v1/environments"
     wait_for(stack, api, {"Authorization": f"Bearer {token}"})
-    wait_for(stack, f"http://{HOST}:{ports.management}/readyz")
+    wait_for(stack, f"http://{HOST}:{ports.management}/readyz", timeout_s=ready_s)
     return token
 
 
@@ -558,11 +583,19 @@ def workdir(keep: bool) -> Iterator[Path]:
 
 
 def prepare_ours(
-    args: argparse.Namespace, stack: Stack, ports: Ports, key: SigningKey
+    stack: Stack,
+    ports: Ports,
+    key: SigningKey,
+    *,
+    tokens: int,
+    distinct_tokens: int,
+    api_keys: int,
+    gateway: Sequence[str] = GATEWAY,
+    ready_s: float = 60,
 ) -> dict[str, Any]:
     """Start our stack, set it up through the control plane, then stop that."""
     environment = "bench"
-    admin_token = start_ours(stack, ports, environment)
+    admin_token = start_ours(stack, ports, environment, gateway, ready_s)
     upstream = f"http://{HOST}:{ports.upstream}"
     plan = Plan(
         environment=environment,
@@ -570,9 +603,9 @@ def prepare_ours(
         upstream_url=upstream,
         sse_upstream_url=upstream,
         out=stack.root / "stack.json",
-        tokens=args.tokens,
-        distinct_tokens=(args.rounds + 1) * args.distinct_per_round,
-        api_keys=4 if "f" in args.rows else 0,
+        tokens=tokens,
+        distinct_tokens=distinct_tokens,
+        api_keys=api_keys,
     )
     print(f"harness: setting up; minting {plan.distinct_tokens} tokens", flush=True)
     api = Api(f"http://{HOST}:{ports.controlplane}", admin_token)
@@ -602,7 +635,14 @@ def run(args: argparse.Namespace, stack: Stack) -> None:
 
     start_upstream(stack, ports)
     if set(args.rows) & set("cdef"):
-        loaded = prepare_ours(args, stack, ports, key)
+        loaded = prepare_ours(
+            stack,
+            ports,
+            key,
+            tokens=args.tokens,
+            distinct_tokens=(args.rounds + 1) * args.distinct_per_round,
+            api_keys=4 if "f" in args.rows else 0,
+        )
     else:
         loaded = baseline_only(args, key)
     start_haproxy(stack, ports, public_key)

@@ -121,3 +121,16 @@ async def test_run_wrk_sends_only_its_rounds_slice(tmp_path: Path) -> None:
     assert figures["requests"] > 0
     assert figures["status_errors"] == 0
     assert figures["cpu_us"] >= 0
+
+
+def test_row_header_values_are_the_slice_the_wrk_script_sends(tmp_path: Path) -> None:
+    credentials = tmp_path / "tokens"
+    credentials.write_text("t0\nt1\nt2\nt3\nt4\n")
+    sliced = Row("x", "test", "http://127.0.0.1:1/", list, "Authorization",
+                 credentials, "Bearer ", per_round=2)  # fmt: skip
+    whole = Row("y", "test", "http://127.0.0.1:1/", list, "X-API-Key", credentials)
+    bare = Row("z", "test", "http://127.0.0.1:1/", list)
+
+    assert sliced.header_values(1) == ["Bearer t2", "Bearer t3"]
+    assert whole.header_values(3) == ["t0", "t1", "t2", "t3", "t4"]
+    assert bare.header_values(0) == []
