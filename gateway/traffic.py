@@ -392,7 +392,11 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._stopped:
             return
-        was_in_head = self._in_head
+        if self._in_head:
+            # Reads that fall wholly within one head are counted too: a line
+            # without end grows in the parser's buffer, unseen by on_header.
+            # Counted before the parse, as the start of a head zeroes it.
+            self._head_bytes += len(data)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -405,13 +409,9 @@ class _Connection(asyncio.Protocol):
             return
         if self.task is None and self._queue:
             self._serve_next()
-        if was_in_head and self._in_head:
-            # Reads that fall wholly within one head are counted too: a line
-            # without end grows in the parser's buffer, unseen by on_header.
-            self._head_bytes += len(data)
-            if self._head_bytes > self._head_limit:
-                self._refuse(_Refusal(*_HEAD_TOO_LARGE))
-                return
+        if self._in_head and self._head_bytes > self._head_limit:
+            self._refuse(_Refusal(*_HEAD_TOO_LARGE))
+            return
         if self._in_head and self._head_timer is None:
             # A head has begun and is not complete: it must be within the bound.
             self._head_timer = self.loop.call_later(
@@ -448,6 +448,7 @@ class _Connection(asyncio.Protocol):
         self._in_head = True
         self._url = b""
         self._headers = []
+        self._head_bytes = 0
         self._head_size = 0
 
     def on_url(self, url: bytes) -> None:
@@ -470,7 +471,6 @@ class _Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self._in_head = False
-        self._head_bytes = 0
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None

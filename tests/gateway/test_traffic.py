@@ -550,3 +550,25 @@ async def test_traffic_head_bound_holds_for_a_head_after_a_pipelined_one(
     answer = await _exchange(served.port, request)
 
     assert _statuses(answer) == [b"200", b"431"]
+
+
+async def test_traffic_head_bound_does_not_count_a_body_read_between_two_heads(
+    served: Server, recorder: Recorder
+) -> None:
+    # One read ends the first head, holds its whole body and begins the next
+    # head: none of those bytes belong to a head that is too large.
+    body = b"b" * 100_000
+    reader, writer = await asyncio.open_connection("127.0.0.1", served.port)
+    writer.write(b"POST /a HTTP/1.1\r\nHost: a\r\n")
+    await asyncio.sleep(0.1)
+    writer.write(
+        b"Content-Length: %d\r\n\r\n%bGET /b HTTP/1.1\r\nHost: a\r\n"
+        % (len(body), body)
+    )
+    await asyncio.sleep(0.1)
+    writer.write(b"Connection: close\r\n\r\n")
+    answer = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+
+    assert _statuses(answer) == [b"200", b"200"]
+    assert [seen["target"] for seen in recorder.seen] == ["/a", "/b"]
