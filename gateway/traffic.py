@@ -358,6 +358,9 @@ class _Connection(asyncio.Protocol):
         self._url = b""
         self._headers: list[tuple[str, str]] = []
         self._in_head = False
+        # After a chunk's size line, until its data: for the last chunk, the
+        # trailer section, whose lines llhttp buffers as it does a head's.
+        self._in_trailers = False
         self._head_bytes = 0  # bytes of reads wholly within the current head
         self._head_size = 0  # the header lines of this head so far
         self._head_timer: asyncio.TimerHandle | None = None
@@ -392,10 +395,11 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._stopped:
             return
-        if self._in_head:
-            # Reads that fall wholly within one head are counted too: a line
-            # without end grows in the parser's buffer, unseen by on_header.
-            # Counted before the parse, as the start of a head zeroes it.
+        if self._in_head or self._in_trailers:
+            # Reads that fall wholly within one head (or trailer section) are
+            # counted too: a line without end grows in the parser's buffer,
+            # unseen by on_header. Counted before the parse, as the start of
+            # a head or of a chunk zeroes it.
             self._head_bytes += len(data)
         try:
             self._parser.feed_data(data)
@@ -409,7 +413,9 @@ class _Connection(asyncio.Protocol):
             return
         if self.task is None and self._queue:
             self._serve_next()
-        if self._in_head and self._head_bytes > self._head_limit:
+        if (self._in_head or self._in_trailers) and (
+            self._head_bytes > self._head_limit
+        ):
             self._refuse(_Refusal(*_HEAD_TOO_LARGE))
             return
         if self._in_head and self._head_timer is None:
@@ -494,11 +500,17 @@ class _Connection(asyncio.Protocol):
         self._queue.append(request)
 
     def on_body(self, body: bytes) -> None:
+        self._in_trailers = False
         request = self._receiving
         if request is not None and request.body is not None:
             request.body.feed(body)
 
+    def on_chunk_header(self) -> None:
+        self._in_trailers = True
+        self._head_bytes = 0
+
     def on_message_complete(self) -> None:
+        self._in_trailers = False
         request = self._receiving
         self._receiving = None
         if request is None:

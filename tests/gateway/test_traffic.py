@@ -572,3 +572,24 @@ async def test_traffic_head_bound_does_not_count_a_body_read_between_two_heads(
 
     assert _statuses(answer) == [b"200", b"200"]
     assert [seen["target"] for seen in recorder.seen] == ["/a", "/b"]
+
+
+async def test_traffic_endless_trailer_is_refused_without_waiting_for_its_end(
+    served: Server, recorder: Recorder
+) -> None:
+    # Trailers are dropped, but a line without end grows in the parser's
+    # buffer all the same: the trailer section is bounded as a head is.
+    reader, writer = await asyncio.open_connection("127.0.0.1", served.port)
+    writer.write(
+        b"POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"3\r\nabc\r\n0\r\nX-Endless: "
+    )
+    with contextlib.suppress(ConnectionError):
+        for _ in range(200):
+            writer.write(b"v" * 1024)
+            await writer.drain()
+    answer = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+
+    assert _statuses(answer) == [b"431"]
+    assert recorder.seen == []
