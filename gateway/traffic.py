@@ -729,7 +729,14 @@ def _frame_body(request: TrafficRequest, conn: _Connection) -> None:
     if hosts:
         request.host = hosts[0]
 
-    if "Transfer-Encoding" in headers:
+    codings = headers.getall("Transfer-Encoding", ())
+    if codings:
+        if not _chunked_alone(codings):
+            # Transfer-Encoding is hop-by-hop: a coding the gateway does not
+            # decode would reach the agent unannounced, as if it were none.
+            request.refusal = _Refusal(*_MALFORMED)
+            request.keep_alive = False
+            return
         request.body = RequestBody(conn)
         return
     length = headers.get("Content-Length")
@@ -737,6 +744,12 @@ def _frame_body(request: TrafficRequest, conn: _Connection) -> None:
         request.content_length = int(length)
         if request.content_length > 0:
             request.body = RequestBody(conn)
+
+
+def _chunked_alone(codings: list[str]) -> bool:
+    """Whether Transfer-Encoding lists chunked and nothing else."""
+    listed = [c.strip() for value in codings for c in value.split(",")]
+    return [c.lower() for c in listed if c] == ["chunked"]
 
 
 class TrafficServer:

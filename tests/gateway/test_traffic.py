@@ -593,3 +593,27 @@ async def test_traffic_endless_trailer_is_refused_without_waiting_for_its_end(
 
     assert _statuses(answer) == [b"431"]
     assert recorder.seen == []
+
+
+@pytest.mark.parametrize(
+    "codings",
+    [
+        b"Transfer-Encoding: gzip, chunked\r\n",
+        b"Transfer-Encoding: identity, chunked\r\n",
+        b"Transfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n",
+    ],
+    ids=["gzip-then-chunked", "identity-then-chunked", "two-fields"],
+)
+async def test_traffic_transfer_coding_other_than_chunked_alone_is_400(
+    served: Server, recorder: Recorder, codings: bytes
+) -> None:
+    # The body goes upstream without its codings (Transfer-Encoding is
+    # hop-by-hop): one the gateway does not decode would pass as plain.
+    request = b"POST /x HTTP/1.1\r\nHost: a\r\n%b\r\n3\r\nabc\r\n0\r\n\r\n" % codings
+    smuggled = b"GET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n"
+
+    answer = await _exchange(served.port, request + smuggled)
+
+    assert _statuses(answer) == [b"400"]
+    assert answer.endswith(b"\r\nConnection: close\r\n\r\n" + _BAD)
+    assert recorder.seen == []
