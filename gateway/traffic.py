@@ -731,9 +731,11 @@ def _frame_body(request: TrafficRequest, conn: _Connection) -> None:
 
     codings = headers.getall("Transfer-Encoding", ())
     if codings:
-        if not _chunked_alone(codings):
-            # Transfer-Encoding is hop-by-hop: a coding the gateway does not
-            # decode would reach the agent unannounced, as if it were none.
+        # Transfer-Encoding is hop-by-hop: a coding the gateway does not
+        # decode would reach the agent unannounced, as if it were none. And
+        # HTTP/1.0 has no chunked coding: RFC 9112 section 6.1 calls such a
+        # framing faulty, as a server in front may well have read it otherwise.
+        if request.version != "1.1" or not _chunked_alone(codings):
             request.refusal = _Refusal(*_MALFORMED)
             request.keep_alive = False
             return

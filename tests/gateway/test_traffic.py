@@ -617,3 +617,21 @@ async def test_traffic_transfer_coding_other_than_chunked_alone_is_400(
     assert _statuses(answer) == [b"400"]
     assert answer.endswith(b"\r\nConnection: close\r\n\r\n" + _BAD)
     assert recorder.seen == []
+
+
+async def test_traffic_chunked_http10_request_is_400_and_closed(
+    served: Server, recorder: Recorder
+) -> None:
+    # RFC 9112 section 6.1: HTTP/1.0 has no chunked coding, so such framing is
+    # faulty; a server in front that read it otherwise would be out of step.
+    request = (
+        b"POST /x HTTP/1.0\r\nConnection: keep-alive\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+        b"GET /smuggled HTTP/1.0\r\n\r\n"
+    )
+
+    answer = await _exchange(served.port, request)
+
+    assert _statuses(answer) == [b"400"]
+    assert answer.endswith(b"\r\nConnection: close\r\n\r\n" + _BAD)
+    assert recorder.seen == []
