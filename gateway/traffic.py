@@ -44,6 +44,11 @@ Handler = Callable[["TrafficRequest"], Awaitable[None]]
 #: How long a kept-alive connection may stay silent between requests.
 KEEPALIVE_S = 75.0
 
+#: How long a caller may leave what the gateway sends it unread (its socket
+#: full) before the connection is cut: a handler waiting to write holds its
+#: agent's connection, and a closing connection its unsent bytes.
+SEND_TIMEOUT_S = 60.0
+
 # Request body buffered before the caller's socket is paused; it is resumed
 # once the handler has taken what is buffered.
 _HIGH_WATER = 256 * 1024
@@ -376,6 +381,7 @@ class _Connection(asyncio.Protocol):
         self._reading_paused = False
         self.write_paused = False
         self._drain: asyncio.Future[None] | None = None
+        self._stall_timer: asyncio.TimerHandle | None = None
         self.idle_since = self.loop.time()
         self._linger_timer: asyncio.TimerHandle | None = None
 
@@ -429,6 +435,7 @@ class _Connection(asyncio.Protocol):
         self._lost = True
         self.server.connections.discard(self)
         self._cancel_timers()
+        self._cancel_stall_timer()
         gone = ConnectionResetError("the caller closed the connection")
         for request in self._queue:
             if request.body is not None:
@@ -442,9 +449,14 @@ class _Connection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.write_paused = True
+        if self._stall_timer is None:
+            self._stall_timer = self.loop.call_later(
+                self.server.send_timeout_s, self.abort
+            )
 
     def resume_writing(self) -> None:
         self.write_paused = False
+        self._cancel_stall_timer()
         if self._drain is not None and not self._drain.done():
             self._drain.set_result(None)
 
@@ -697,8 +709,15 @@ class _Connection(asyncio.Protocol):
 
     def _close(self) -> None:
         self._cancel_timers()
-        if self.transport is not None and not self._lost:
-            self.transport.close()
+        transport = self.transport
+        if transport is not None and not self._lost:
+            transport.close()
+            if transport.get_write_buffer_size() and self._stall_timer is None:
+                # The transport closes once its buffer is out, which a caller
+                # that reads nothing more would put off for ever.
+                self._stall_timer = self.loop.call_later(
+                    self.server.send_timeout_s, self.abort
+                )
 
     def abort(self) -> None:
         self._cancel_timers()
@@ -710,6 +729,11 @@ class _Connection(asyncio.Protocol):
             if timer is not None:
                 timer.cancel()
         self._head_timer = self._linger_timer = None
+
+    def _cancel_stall_timer(self) -> None:
+        if self._stall_timer is not None:
+            self._stall_timer.cancel()
+            self._stall_timer = None
 
 
 def _text(raw: bytes) -> str:
@@ -772,12 +796,14 @@ class TrafficServer:
         header_timeout_s: float,
         access_log_enabled: bool = False,
         keepalive_s: float = KEEPALIVE_S,
+        send_timeout_s: float = SEND_TIMEOUT_S,
     ) -> None:
         self.handler = handler
         self.line_limit = max_header_size
         self.head_limit = 4 * max_header_size + 64 * 1024
         self.header_timeout_s = header_timeout_s
         self.keepalive_s = keepalive_s
+        self.send_timeout_s = send_timeout_s
         self.access_log = access_log_enabled
         self.loop = asyncio.get_running_loop()
         self.connections: set[_Connection] = set()

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import re
+import socket
 from collections.abc import AsyncIterator
 
 import msgspec
@@ -49,6 +50,19 @@ class Recorder:
             except asyncio.CancelledError:
                 self.cancelled += 1
                 raise
+        if path.startswith("/big"):
+            # More than the sockets between caller and server hold.
+            answer = b"x" * (16 * 1024 * 1024)
+            lines = b"Content-Length: %d\r\n" % len(answer)
+            request.send_head(
+                200, b"OK", lines, length_known=True, has_date=True, data=answer
+            )
+            request.end()
+            return
+        if path.startswith("/flood"):
+            request.send_head(200, b"OK", b"", length_known=False, has_date=True)
+            while True:
+                await request.send_body(b"x" * 65536)
         if path.startswith("/stream"):
             request.send_head(200, b"OK", b"", length_known=False, has_date=True)
             for piece in (b"one", b"two"):
@@ -635,3 +649,49 @@ async def test_traffic_chunked_http10_request_is_400_and_closed(
     assert _statuses(answer) == [b"400"]
     assert answer.endswith(b"\r\nConnection: close\r\n\r\n" + _BAD)
     assert recorder.seen == []
+
+
+async def _unread(port: int, request: bytes) -> asyncio.StreamWriter:
+    """A caller that sends ``request`` and never reads the answer."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+    _, writer = await asyncio.open_connection(sock=sock)
+    writer.transport.pause_reading()
+    writer.write(request)
+    return writer
+
+
+async def _until_no_connection(server: TrafficServer) -> None:
+    for _ in range(500):
+        if not server.connections:
+            return
+        await asyncio.sleep(0.01)
+
+
+@pytest.mark.parametrize("path", ["/big", "/flood"])
+@pytest.mark.parametrize("close", [False, True], ids=["keep-alive", "close"])
+async def test_traffic_caller_that_stops_reading_is_cut_after_the_send_timeout(
+    recorder: Recorder, path: str, close: bool
+) -> None:
+    # Neither a finished answer waiting to be sent nor a handler waiting to
+    # write may hold the connection (and so its agent's) for ever.
+    server = TrafficServer(
+        recorder, max_header_size=1024, header_timeout_s=5, send_timeout_s=0.3
+    )
+    await server.listen("127.0.0.1", 0)
+    port = server._listeners[0].sockets[0].getsockname()[1]
+    head = b"Connection: close\r\n" if close else b""
+    try:
+        writer = await _unread(
+            port, b"GET %b HTTP/1.1\r\nHost: a\r\n%b\r\n" % (path.encode(), head)
+        )
+        await _until_no_connection(server)
+        connections = len(server.connections)
+    finally:
+        await server.close()
+    writer.close()
+
+    assert [seen["target"] for seen in recorder.seen] == [path]
+    assert connections == 0
