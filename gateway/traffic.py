@@ -433,7 +433,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
-        self.server.connections.discard(self)
+        self.server.forget(self)
         self._cancel_timers()
         self._cancel_stall_timer()
         gone = ConnectionResetError("the caller closed the connection")
@@ -809,6 +809,7 @@ class TrafficServer:
         self.connections: set[_Connection] = set()
         self.date_line = b""
         self._listeners: list[asyncio.Server] = []
+        self._emptied: asyncio.Future[None] | None = None  # while draining
         self._ticker: asyncio.TimerHandle | None = None
         self._tick()
 
@@ -828,6 +829,12 @@ class TrafficServer:
         )
         self._listeners.append(listener)
 
+    def forget(self, conn: _Connection) -> None:
+        self.connections.discard(conn)
+        emptied = self._emptied
+        if not self.connections and emptied is not None and not emptied.done():
+            emptied.set_result(None)
+
     def log_access(self, request: TrafficRequest) -> None:
         if self.access_log:
             path = request.target.partition("?")[0]  # a query may carry secrets
@@ -846,8 +853,12 @@ class TrafficServer:
         Idle connections are closed at once, so that their callers go
         elsewhere instead of waiting out the grace. Requests still running
         after it are cancelled, which closes their upstream and their
-        caller's connection. Returns how many were cut.
+        caller's connection. A finished answer may still be on its way to a
+        slow caller: connections are waited for within the grace too.
+        Returns how many were cut.
         """
+        deadline = self.loop.time() + grace_s
+        self._emptied = self.loop.create_future()
         for listener in self._listeners:
             listener.close()
         busy = []
@@ -866,6 +877,9 @@ class TrafficServer:
             for task in late:
                 task.cancel()
             await asyncio.wait(late, timeout=close_s)
+        left = deadline - self.loop.time()
+        if self.connections and left > 0:
+            await asyncio.wait([self._emptied], timeout=left)
         return len(late)
 
     async def close(self) -> None:

@@ -507,12 +507,12 @@ async def test_traffic_drain_closes_idle_connections_and_finishes_busy_ones(
     assert await asyncio.wait_for(idle_reader.read(), 2) == b""
     recorder.release.set()
     busy = await asyncio.wait_for(busy_reader.read(), 2)
+    busy_writer.close()  # the caller has its answer: the drain is over
 
     assert await drain == 0
     assert b"\r\nConnection: close\r\n" in busy
     assert busy.endswith(b'{"n":2,"body":""}')
     idle_writer.close()
-    busy_writer.close()
 
 
 async def test_traffic_drain_cuts_what_outlasts_the_grace(
@@ -651,15 +651,23 @@ async def test_traffic_chunked_http10_request_is_400_and_closed(
     assert recorder.seen == []
 
 
-async def _unread(port: int, request: bytes) -> asyncio.StreamWriter:
-    """A caller that sends ``request`` and never reads the answer."""
+async def _slow_caller(
+    port: int, request: bytes
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A caller whose socket takes little at a time."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.setblocking(False)
     await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
-    _, writer = await asyncio.open_connection(sock=sock)
-    writer.transport.pause_reading()
+    reader, writer = await asyncio.open_connection(sock=sock)
     writer.write(request)
+    return reader, writer
+
+
+async def _unread(port: int, request: bytes) -> asyncio.StreamWriter:
+    """A caller that sends ``request`` and never reads the answer."""
+    _, writer = await _slow_caller(port, request)
+    writer.transport.pause_reading()
     return writer
 
 
@@ -695,3 +703,43 @@ async def test_traffic_caller_that_stops_reading_is_cut_after_the_send_timeout(
 
     assert [seen["target"] for seen in recorder.seen] == [path]
     assert connections == 0
+
+
+async def test_traffic_drain_lets_a_finished_answer_reach_its_caller(
+    recorder: Recorder,
+) -> None:
+    # The handler is done once its answer is in the transport's buffer; the
+    # connection must not be cut while the caller is still taking it.
+    release = asyncio.Event()
+    answer = b"x" * (16 * 1024 * 1024)
+
+    async def handler(request: TrafficRequest) -> None:
+        await release.wait()
+        lines = b"Content-Length: %d\r\n" % len(answer)
+        request.send_head(
+            200, b"OK", lines, length_known=True, has_date=True, data=answer
+        )
+        request.end()
+
+    server = TrafficServer(handler, max_header_size=1024, header_timeout_s=5)
+    await server.listen("127.0.0.1", 0)
+    port = server._listeners[0].sockets[0].getsockname()[1]
+    reader, writer = await _slow_caller(port, b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
+
+    async def read_all() -> bytes:
+        got = bytearray()
+        with contextlib.suppress(ConnectionError):
+            while data := await reader.read(65536):
+                got += data
+        writer.close()
+        return bytes(got)
+
+    drain = asyncio.create_task(server.drain(5.0, 1.0))
+    release.set()
+    reading = asyncio.create_task(read_all())
+    cut = await drain
+    await server.close()  # as the worker does once drained
+    received = len((await reading).partition(b"\r\n\r\n")[2])
+
+    assert cut == 0
+    assert received == len(answer)
