@@ -323,6 +323,10 @@ class TrafficRequest:
         headers: dict[str, str] | None = None,
     ) -> None:
         """The gateway's own answer: ``{"error", "message"}`` as JSON."""
+        if self.body is not None and not self.body.done:
+            # The rest of the body is never read: it is dropped and the
+            # connection closed (see _linger), which the caller is told.
+            self.keep_alive = False
         body = _json.encode({"error": error, "message": message})
         lines = b"Content-Type: application/json\r\nContent-Length: %d\r\n" % len(body)
         if headers:

@@ -408,6 +408,9 @@ async def test_traffic_answer_before_the_body_ends_drops_the_rest_then_closes(
 
     assert head.startswith(b"HTTP/1.1 401 Unauthorized\r\n")
     assert b"\r\nWWW-Authenticate: x\r\n" in head
+    # Said in the answer: a caller that took the connection for reusable
+    # would lose its next request in the bytes dropped.
+    assert head.endswith(b"\r\nConnection: close\r\n\r\n")
     assert rest == b'{"error":"unauthorized","message":"no"}'
     assert [seen["target"] for seen in recorder.seen] == ["/reject"]
 
