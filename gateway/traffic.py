@@ -590,8 +590,9 @@ class _Connection(asyncio.Protocol):
 
     def _head_timed_out(self) -> None:
         self._head_timer = None
-        if self._reading_paused:
-            # Our own pause held the head back, not the caller.
+        if self._reading_paused or self.task is not None:
+            # Our own pause held the head back, not the caller; or the head
+            # is a pipelined one, whose caller is waiting for an answer.
             self._head_timer = self.loop.call_later(
                 self.server.header_timeout_s, self._head_timed_out
             )

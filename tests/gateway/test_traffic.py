@@ -477,6 +477,23 @@ async def test_traffic_head_not_complete_in_time_is_closed(served: Server) -> No
     writer.close()
 
 
+async def test_traffic_slow_pipelined_head_does_not_cut_the_answer_in_progress(
+    served: Server, recorder: Recorder
+) -> None:
+    # The next head's time runs while the caller waits for this answer; it
+    # is not the caller's to be cut for.
+    reader, writer = await asyncio.open_connection("127.0.0.1", served.port)
+    writer.write(b"GET /wait HTTP/1.1\r\nHost: a\r\n\r\nGET /b HTTP/1.1\r\n")
+    await asyncio.sleep(0.6)  # twice the head timeout
+    writer.write(b"Host: a\r\nConnection: close\r\n\r\n")
+    recorder.release.set()
+    answer = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+
+    assert _statuses(answer) == [b"200", b"200"]
+    assert recorder.cancelled == 0
+
+
 async def test_traffic_idle_keep_alive_connection_is_closed_after_the_timeout(
     recorder: Recorder,
 ) -> None:
