@@ -607,6 +607,10 @@ class _Connection(asyncio.Protocol):
 
     async def _serve(self, request: TrafficRequest) -> None:
         try:
+            if self.write_paused:
+                # The caller has not read the answers before this one: more
+                # would pile up in the transport's buffer without bound.
+                await self.drained()
             if request.refusal is not None:
                 refusal = request.refusal
                 request.keep_alive = False

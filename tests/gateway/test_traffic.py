@@ -763,3 +763,39 @@ async def test_traffic_drain_lets_a_finished_answer_reach_its_caller(
 
     assert cut == 0
     assert received == len(answer)
+
+
+async def test_traffic_pipelined_requests_wait_for_the_caller_to_read_answers(
+    recorder: Recorder,
+) -> None:
+    # Small requests, large answers, none read: what is buffered for the
+    # caller must stay bounded, so the next request waits for it to read.
+    answered = 0
+
+    async def handler(request: TrafficRequest) -> None:
+        nonlocal answered
+        answered += 1
+        answer = b"x" * (256 * 1024)
+        lines = b"Content-Length: %d\r\n" % len(answer)
+        request.send_head(
+            200, b"OK", lines, length_known=True, has_date=True, data=answer
+        )
+        request.end()
+
+    server = TrafficServer(handler, max_header_size=1024, header_timeout_s=5)
+    await server.listen("127.0.0.1", 0)
+    port = server._listeners[0].sockets[0].getsockname()[1]
+    writer = await _unread(port, b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n" * 200)
+    for _ in range(100):
+        if answered == 200:
+            break
+        await asyncio.sleep(0.01)
+    buffered = 0
+    for conn in server.connections:
+        assert conn.transport is not None
+        buffered += conn.transport.get_write_buffer_size()
+    await server.close()
+    writer.close()
+
+    assert answered < 200
+    assert buffered < 2 * 256 * 1024
