@@ -44,6 +44,11 @@ Handler = Callable[["TrafficRequest"], Awaitable[None]]
 #: How long a kept-alive connection may stay silent between requests.
 KEEPALIVE_S = 75.0
 
+#: How long a caller may leave what the gateway sends it unread (its socket
+#: full) before the connection is cut: a handler waiting to write holds its
+#: agent's connection, and a closing connection its unsent bytes.
+SEND_TIMEOUT_S = 60.0
+
 # Request body buffered before the caller's socket is paused; it is resumed
 # once the handler has taken what is buffered.
 _HIGH_WATER = 256 * 1024
@@ -323,6 +328,10 @@ class TrafficRequest:
         headers: dict[str, str] | None = None,
     ) -> None:
         """The gateway's own answer: ``{"error", "message"}`` as JSON."""
+        if self.body is not None and not self.body.done:
+            # The rest of the body is never read: it is dropped and the
+            # connection closed (see _linger), which the caller is told.
+            self.keep_alive = False
         body = _json.encode({"error": error, "message": message})
         lines = b"Content-Type: application/json\r\nContent-Length: %d\r\n" % len(body)
         if headers:
@@ -363,6 +372,9 @@ class _Connection(asyncio.Protocol):
         self._url = b""
         self._headers: list[tuple[str, str]] = []
         self._in_head = False
+        # After a chunk's size line, until its data: for the last chunk, the
+        # trailer section, whose lines llhttp buffers as it does a head's.
+        self._in_trailers = False
         self._head_bytes = 0  # bytes of reads wholly within the current head
         self._head_size = 0  # the header lines of this head so far
         self._head_timer: asyncio.TimerHandle | None = None
@@ -378,6 +390,7 @@ class _Connection(asyncio.Protocol):
         self._reading_paused = False
         self.write_paused = False
         self._drain: asyncio.Future[None] | None = None
+        self._stall_timer: asyncio.TimerHandle | None = None
         self.idle_since = self.loop.time()
         self._linger_timer: asyncio.TimerHandle | None = None
 
@@ -397,7 +410,12 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._stopped:
             return
-        was_in_head = self._in_head
+        if self._in_head or self._in_trailers:
+            # Reads that fall wholly within one head (or trailer section) are
+            # counted too: a line without end grows in the parser's buffer,
+            # unseen by on_header. Counted before the parse, as the start of
+            # a head or of a chunk zeroes it.
+            self._head_bytes += len(data)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -410,13 +428,11 @@ class _Connection(asyncio.Protocol):
             return
         if self.task is None and self._queue:
             self._serve_next()
-        if was_in_head and self._in_head:
-            # Reads that fall wholly within one head are counted too: a line
-            # without end grows in the parser's buffer, unseen by on_header.
-            self._head_bytes += len(data)
-            if self._head_bytes > self._head_limit:
-                self._refuse(_Refusal(*_HEAD_TOO_LARGE))
-                return
+        if (self._in_head or self._in_trailers) and (
+            self._head_bytes > self._head_limit
+        ):
+            self._refuse(_Refusal(*_HEAD_TOO_LARGE))
+            return
         if self._in_head and self._head_timer is None:
             # A head has begun and is not complete: it must be within the bound.
             self._head_timer = self.loop.call_later(
@@ -426,8 +442,9 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
-        self.server.connections.discard(self)
+        self.server.forget(self)
         self._cancel_timers()
+        self._cancel_stall_timer()
         gone = ConnectionResetError("the caller closed the connection")
         for request in self._queue:
             if request.body is not None:
@@ -441,9 +458,14 @@ class _Connection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.write_paused = True
+        if self._stall_timer is None:
+            self._stall_timer = self.loop.call_later(
+                self.server.send_timeout_s, self.abort
+            )
 
     def resume_writing(self) -> None:
         self.write_paused = False
+        self._cancel_stall_timer()
         if self._drain is not None and not self._drain.done():
             self._drain.set_result(None)
 
@@ -453,6 +475,7 @@ class _Connection(asyncio.Protocol):
         self._in_head = True
         self._url = b""
         self._headers = []
+        self._head_bytes = 0
         self._head_size = 0
 
     def on_url(self, url: bytes) -> None:
@@ -475,7 +498,6 @@ class _Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self._in_head = False
-        self._head_bytes = 0
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
@@ -499,11 +521,17 @@ class _Connection(asyncio.Protocol):
         self._queue.append(request)
 
     def on_body(self, body: bytes) -> None:
+        self._in_trailers = False
         request = self._receiving
         if request is not None and request.body is not None:
             request.body.feed(body)
 
+    def on_chunk_header(self) -> None:
+        self._in_trailers = True
+        self._head_bytes = 0
+
     def on_message_complete(self) -> None:
+        self._in_trailers = False
         request = self._receiving
         self._receiving = None
         if request is None:
@@ -567,8 +595,9 @@ class _Connection(asyncio.Protocol):
 
     def _head_timed_out(self) -> None:
         self._head_timer = None
-        if self._reading_paused:
-            # Our own pause held the head back, not the caller.
+        if self._reading_paused or self.task is not None:
+            # Our own pause held the head back, not the caller; or the head
+            # is a pipelined one, whose caller is waiting for an answer.
             self._head_timer = self.loop.call_later(
                 self.server.header_timeout_s, self._head_timed_out
             )
@@ -583,6 +612,10 @@ class _Connection(asyncio.Protocol):
 
     async def _serve(self, request: TrafficRequest) -> None:
         try:
+            if self.write_paused:
+                # The caller has not read the answers before this one: more
+                # would pile up in the transport's buffer without bound.
+                await self.drained()
             if request.refusal is not None:
                 refusal = request.refusal
                 request.keep_alive = False
@@ -690,8 +723,15 @@ class _Connection(asyncio.Protocol):
 
     def _close(self) -> None:
         self._cancel_timers()
-        if self.transport is not None and not self._lost:
-            self.transport.close()
+        transport = self.transport
+        if transport is not None and not self._lost:
+            transport.close()
+            if transport.get_write_buffer_size() and self._stall_timer is None:
+                # The transport closes once its buffer is out, which a caller
+                # that reads nothing more would put off for ever.
+                self._stall_timer = self.loop.call_later(
+                    self.server.send_timeout_s, self.abort
+                )
 
     def abort(self) -> None:
         self._cancel_timers()
@@ -703,6 +743,11 @@ class _Connection(asyncio.Protocol):
             if timer is not None:
                 timer.cancel()
         self._head_timer = self._linger_timer = None
+
+    def _cancel_stall_timer(self) -> None:
+        if self._stall_timer is not None:
+            self._stall_timer.cancel()
+            self._stall_timer = None
 
 
 def _text(raw: bytes) -> str:
@@ -724,11 +769,18 @@ def _frame_body(request: TrafficRequest, conn: _Connection) -> None:
 
     codings = headers.getall("Transfer-Encoding", ())
     if codings:
-        # llhttp made sure chunked comes last. Any coding before it would
-        # reach the agent undecoded and unannounced (Transfer-Encoding is
-        # hop-by-hop): RFC 9112 section 6.1 answers those with 501.
-        if ",".join(codings).replace(" ", "").lower() != "chunked":
-            request.refusal = _Refusal(*_CODING_NOT_IMPLEMENTED)
+        # HTTP/1.0 has no chunked coding: RFC 9112 section 6.1 calls such a
+        # framing faulty, as a server in front may well have read it
+        # otherwise. And Transfer-Encoding is hop-by-hop: a coding the gateway
+        # does not decode would reach the agent unannounced, as if it were
+        # none; section 6.1 answers it with 501.
+        refusal = None
+        if request.version != "1.1":
+            refusal = _MALFORMED
+        elif not _chunked_alone(codings):
+            refusal = _CODING_NOT_IMPLEMENTED
+        if refusal is not None:
+            request.refusal = _Refusal(*refusal)
             request.keep_alive = False
             return
         request.body = RequestBody(conn)
@@ -738,6 +790,12 @@ def _frame_body(request: TrafficRequest, conn: _Connection) -> None:
         request.content_length = int(length)
         if request.content_length > 0:
             request.body = RequestBody(conn)
+
+
+def _chunked_alone(codings: list[str]) -> bool:
+    """Whether Transfer-Encoding lists chunked and nothing else."""
+    listed = [c.strip() for value in codings for c in value.split(",")]
+    return [c.lower() for c in listed if c] == ["chunked"]
 
 
 class TrafficServer:
@@ -758,17 +816,20 @@ class TrafficServer:
         header_timeout_s: float,
         access_log_enabled: bool = False,
         keepalive_s: float = KEEPALIVE_S,
+        send_timeout_s: float = SEND_TIMEOUT_S,
     ) -> None:
         self.handler = handler
         self.line_limit = max_header_size
         self.head_limit = 4 * max_header_size + 64 * 1024
         self.header_timeout_s = header_timeout_s
         self.keepalive_s = keepalive_s
+        self.send_timeout_s = send_timeout_s
         self.access_log = access_log_enabled
         self.loop = asyncio.get_running_loop()
         self.connections: set[_Connection] = set()
         self.date_line = b""
         self._listeners: list[asyncio.Server] = []
+        self._emptied: asyncio.Future[None] | None = None  # while draining
         self._ticker: asyncio.TimerHandle | None = None
         self._tick()
 
@@ -788,6 +849,12 @@ class TrafficServer:
         )
         self._listeners.append(listener)
 
+    def forget(self, conn: _Connection) -> None:
+        self.connections.discard(conn)
+        emptied = self._emptied
+        if not self.connections and emptied is not None and not emptied.done():
+            emptied.set_result(None)
+
     def log_access(self, request: TrafficRequest) -> None:
         if self.access_log:
             path = request.target.partition("?")[0]  # a query may carry secrets
@@ -806,8 +873,12 @@ class TrafficServer:
         Idle connections are closed at once, so that their callers go
         elsewhere instead of waiting out the grace. Requests still running
         after it are cancelled, which closes their upstream and their
-        caller's connection. Returns how many were cut.
+        caller's connection. A finished answer may still be on its way to a
+        slow caller: connections are waited for within the grace too.
+        Returns how many were cut.
         """
+        deadline = self.loop.time() + grace_s
+        self._emptied = self.loop.create_future()
         for listener in self._listeners:
             listener.close()
         busy = []
@@ -826,6 +897,9 @@ class TrafficServer:
             for task in late:
                 task.cancel()
             await asyncio.wait(late, timeout=close_s)
+        left = deadline - self.loop.time()
+        if self.connections and left > 0:
+            await asyncio.wait([self._emptied], timeout=left)
         return len(late)
 
     async def close(self) -> None:
