@@ -284,8 +284,10 @@ class TrafficRequest:
         self.status = status
         self._close_after = close
         if bodiless:
+            # Complete with its head: no byte of a body may follow it.
             data = b""
             self._chunked = False
+            last = True
         if data:
             parts.append(self._framed(data) if self._chunked else data)
         if last:
@@ -883,11 +885,13 @@ class TrafficServer:
             listener.close()
         busy = []
         for conn in list(self.connections):
+            # One closing without a request is lingering: it closes itself.
+            lingering = conn.closing and conn.task is None
             conn.closing = True
-            if conn.task is None:
-                conn._close()
-            else:
+            if conn.task is not None:
                 busy.append(conn.task)
+            elif not lingering:
+                conn._close()
 
         late: set[asyncio.Task[None]] = set()
         if busy:

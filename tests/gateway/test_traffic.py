@@ -802,3 +802,25 @@ async def test_traffic_pipelined_requests_wait_for_the_caller_to_read_answers(
 
     assert answered < 200
     assert buffered < 2 * 256 * 1024
+
+
+async def test_traffic_bodiless_answer_takes_no_body_bytes(served: Server) -> None:
+    class Handler:
+        async def __call__(self, request: TrafficRequest) -> None:
+            request.send_head(
+                204, b"No Content", b"", length_known=False, has_date=True
+            )
+            await request.send_body(b"stray")
+            request.end(b"more")
+
+    server = TrafficServer(Handler(), max_header_size=1024, header_timeout_s=5)
+    await server.listen("127.0.0.1", 0)
+    port = server._listeners[0].sockets[0].getsockname()[1]
+    try:
+        answer = await _exchange(
+            port, b"GET /x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+        )
+    finally:
+        await server.close()
+
+    assert answer == b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n"
