@@ -55,7 +55,8 @@ def relay_head(upstream: UpstreamResponse) -> tuple[bytes, bytes, bool, bool]:
     listed = [v for n, v in headers if n.lower() == b"connection"]
     if listed:
         names = _listed(v.decode("latin-1") for v in listed)
-        drop = drop | {name.encode("latin-1") for name in names}
+        if not names <= HOP_BY_HOP:  # most say keep-alive or close, nothing more
+            drop = drop | {name.encode("latin-1") for name in names}
 
     lines = []
     length_known = has_date = False
