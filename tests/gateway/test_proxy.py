@@ -21,6 +21,7 @@ from tests.fixtures.stack import (
     GatewayFactory,
     GatewayProcess,
     commit_agent,
+    exchange_raw,
     free_port,
 )
 
@@ -723,23 +724,6 @@ async def test_proxy_requests_reach_the_metrics_within_a_flush_interval(
     assert await _metric(http, gateway.admin_url, latency, agent="a") == 3.0
 
 
-async def _answer_then_idle(port: int, request: bytes, wait_s: float = 3.0) -> bytes:
-    """Everything the gateway sends back, and how it ended: EOF or still open."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(request)
-    got = bytearray()
-    try:
-        async with asyncio.timeout(wait_s):
-            while data := await reader.read(65536):
-                got += data
-            got += b"<EOF>"
-    except TimeoutError:
-        got += b"<OPEN>"
-    writer.close()
-    await writer.wait_closed()
-    return bytes(got)
-
-
 @pytest.mark.parametrize(
     ("answer", "ending"),
     [
@@ -766,7 +750,7 @@ async def test_proxy_http10_caller_gets_a_body_it_can_delimit(
     gateway = await gateway_factory(store=redis_url, environment=environment)
 
     request = b"GET /p/raw/x HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"
-    got = await _answer_then_idle(gateway.port, request, wait_s=1.5)
+    got = await exchange_raw(gateway.port, request, 1.5, eof=b"<EOF>")
     assert got.startswith(b"HTTP/1.0 200 OK\r\n")
     assert got.endswith(ending)
     assert b"Transfer-Encoding" not in got
@@ -776,8 +760,11 @@ async def test_proxy_http10_caller_gets_a_body_it_can_delimit(
 async def test_proxy_other_http_versions_are_505(
     gateway: GatewayProcess, version: bytes
 ) -> None:
-    got = await _answer_then_idle(
-        gateway.port, b"GET /p/a/x " + version + b"\r\nHost: gw\r\n\r\n", 1.5
+    got = await exchange_raw(
+        gateway.port,
+        b"GET /p/a/x " + version + b"\r\nHost: gw\r\n\r\n",
+        1.5,
+        eof=b"<EOF>",
     )
     head, _, body = got.partition(b"\r\n\r\n")
     assert head.split(b"\r\n")[0].split(b" ")[1] == b"505"

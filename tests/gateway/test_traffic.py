@@ -13,11 +13,13 @@ import logging
 import re
 import socket
 from collections.abc import AsyncIterator
+from typing import Any
 
 import msgspec
 import pytest
 
-from gateway.traffic import TrafficRequest, TrafficServer
+from gateway.traffic import Handler, TrafficRequest, TrafficServer
+from tests.fixtures.stack import exchange_raw
 
 UVLOOP = True  # the loop the gateway runs on (see tests/conftest.py)
 
@@ -100,30 +102,20 @@ class Server:
         self.port = port
 
 
+async def _start(handler: Handler, **settings: Any) -> tuple[TrafficServer, int]:
+    """A server listening on a free port of 127.0.0.1, and that port."""
+    settings.setdefault("max_header_size", 1024)
+    settings.setdefault("header_timeout_s", 5)
+    server = TrafficServer(handler, **settings)
+    await server.listen("127.0.0.1", 0)
+    return server, server._listeners[0].sockets[0].getsockname()[1]
+
+
 @pytest.fixture
 async def served(recorder: Recorder) -> AsyncIterator[Server]:
-    server = TrafficServer(recorder, max_header_size=1024, header_timeout_s=0.3)
-    await server.listen("127.0.0.1", 0)
-    port = server._listeners[0].sockets[0].getsockname()[1]
+    server, port = await _start(recorder, header_timeout_s=0.3)
     yield Server(server, port)
     await server.close()
-
-
-async def _exchange(port: int, request: bytes, wait_s: float = 3.0) -> bytes:
-    """Everything the server sends back until it closes (or ``<OPEN>``)."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(request)
-    got = bytearray()
-    try:
-        async with asyncio.timeout(wait_s):
-            while data := await reader.read(65536):
-                got += data
-    except TimeoutError:
-        got += b"<OPEN>"
-    writer.close()
-    with contextlib.suppress(ConnectionError):
-        await writer.wait_closed()
-    return bytes(got)
 
 
 def _statuses(answer: bytes) -> list[bytes]:
@@ -181,7 +173,7 @@ async def test_traffic_malformed_head_is_400_and_nothing_after_it_is_parsed(
 ) -> None:
     smuggled = b"GET /smuggled HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n"
 
-    answer = await _exchange(served.port, head + b"abcd" + smuggled)
+    answer = await exchange_raw(served.port, head + b"abcd" + smuggled)
 
     assert _statuses(answer) == [b"400"]
     assert answer.endswith(b"\r\nConnection: close\r\n\r\n" + _BAD)
@@ -219,7 +211,7 @@ async def test_traffic_chunked_body_is_decoded_with_no_length(
         b"3\r\nabc\r\n2;ext=1\r\nde\r\n0\r\nX-Trailer: t\r\n\r\n"
     )
 
-    answer = await _exchange(served.port, request)
+    answer = await exchange_raw(served.port, request)
 
     assert answer.endswith(b'{"n":1,"body":"abcde"}')
     assert recorder.seen[0]["length"] is None
@@ -237,7 +229,7 @@ async def test_traffic_pipelined_requests_are_answered_in_order(
         b"Connection: close\r\n\r\nthree"
     )
 
-    answer = await _exchange(served.port, requests)
+    answer = await exchange_raw(served.port, requests)
 
     bodies = re.findall(rb'\{"n":\d,"body":"\w*"\}', answer)
     assert bodies == [
@@ -257,7 +249,7 @@ async def test_traffic_malformed_request_after_good_ones_is_answered_last(
         b"GET /c HTTP/1.1\r\nHost: a\r\n\r\n"
     )
 
-    answer = await _exchange(served.port, requests)
+    answer = await exchange_raw(served.port, requests)
 
     assert _statuses(answer) == [b"200", b"400"]
     assert answer.endswith(_BAD)
@@ -271,7 +263,7 @@ async def test_traffic_header_values_lose_surrounding_whitespace_only(
         b"GET /x HTTP/1.1\r\nHost: a\r\nX-V: \t a \t b \t\r\nConnection: close\r\n\r\n"
     )
 
-    await _exchange(served.port, request)
+    await exchange_raw(served.port, request)
 
     assert ("X-V", "a \t b") in recorder.seen[0]["headers"]  # type: ignore[operator]
 
@@ -281,7 +273,7 @@ async def test_traffic_header_bytes_that_are_not_utf8_survive_the_round_trip(
 ) -> None:
     request = b"GET /x HTTP/1.1\r\nHost: a\r\nX-N: caf\xe9\r\nConnection: close\r\n\r\n"
 
-    await _exchange(served.port, request)
+    await exchange_raw(served.port, request)
 
     value = dict(recorder.seen[0]["headers"])["X-N"]  # type: ignore[call-overload]
     assert value.encode("utf-8", "surrogateescape") == b"caf\xe9"
@@ -291,7 +283,7 @@ async def test_traffic_target_must_be_ascii(served: Server, recorder: Recorder) 
     # RFC 3986: other bytes are percent-encoded; a raw one is refused.
     request = b"GET /caf\xe9 HTTP/1.1\r\nHost: a\r\n\r\n"
 
-    answer = await _exchange(served.port, request)
+    answer = await exchange_raw(served.port, request)
 
     assert _statuses(answer) == [b"400"]
     assert recorder.seen == []
@@ -311,7 +303,7 @@ async def test_traffic_header_line_limit_is_exact(
 ) -> None:
     request = b"GET /x HTTP/1.1\r\nHost: a\r\n%b\r\nConnection: close\r\n\r\n" % line
 
-    answer = await _exchange(served.port, request)
+    answer = await exchange_raw(served.port, request)
 
     assert _statuses(answer) == [status]
     assert b"vvvv" not in answer.partition(b"\r\n\r\n")[2]
@@ -322,7 +314,7 @@ async def test_traffic_head_as_a_whole_is_bounded(served: Server) -> None:
     lines = b"".join(b"X-%d: %b\r\n" % (i, b"v" * 1000) for i in range(80))
     request = b"GET /x HTTP/1.1\r\nHost: a\r\n%b\r\n" % lines
 
-    answer = await _exchange(served.port, request)
+    answer = await exchange_raw(served.port, request)
 
     assert _statuses(answer) == [b"431"]
     assert answer.endswith(
@@ -355,7 +347,7 @@ async def test_traffic_upgrade_is_answered_as_http_then_closed(
         b"GET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n"
     )
 
-    answer = await _exchange(served.port, request)
+    answer = await exchange_raw(served.port, request)
 
     assert _statuses(answer) == [b"200"]
     assert b"\r\nConnection: close\r\n" in answer
@@ -370,7 +362,7 @@ async def test_traffic_upgrade_with_a_body_is_400(
         b"Content-Length: 4\r\n\r\nabcd"
     )
 
-    answer = await _exchange(served.port, request)
+    answer = await exchange_raw(served.port, request)
 
     assert _statuses(answer) == [b"400"]
     assert recorder.seen == []
@@ -416,10 +408,10 @@ async def test_traffic_answer_before_the_body_ends_drops_the_rest_then_closes(
 async def test_traffic_streamed_answer_is_chunked_for_http11_and_closed_for_http10(
     served: Server,
 ) -> None:
-    http11 = await _exchange(
+    http11 = await exchange_raw(
         served.port, b"GET /stream HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
     )
-    http10 = await _exchange(served.port, b"GET /stream HTTP/1.0\r\n\r\n")
+    http10 = await exchange_raw(served.port, b"GET /stream HTTP/1.0\r\n\r\n")
 
     assert http11 == (
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
@@ -429,7 +421,7 @@ async def test_traffic_streamed_answer_is_chunked_for_http11_and_closed_for_http
 
 
 async def test_traffic_http10_keep_alive_is_said_and_kept(served: Server) -> None:
-    answer = await _exchange(
+    answer = await exchange_raw(
         served.port, b"GET /x HTTP/1.0\r\nConnection: keep-alive\r\n\r\n", 0.5
     )
 
@@ -439,7 +431,7 @@ async def test_traffic_http10_keep_alive_is_said_and_kept(served: Server) -> Non
 
 
 async def test_traffic_head_answer_has_no_body(served: Server) -> None:
-    answer = await _exchange(
+    answer = await exchange_raw(
         served.port, b"HEAD /reject HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
     )
 
@@ -495,13 +487,9 @@ async def test_traffic_slow_pipelined_head_does_not_cut_the_answer_in_progress(
 async def test_traffic_idle_keep_alive_connection_is_closed_after_the_timeout(
     recorder: Recorder,
 ) -> None:
-    server = TrafficServer(
-        recorder, max_header_size=1024, header_timeout_s=5, keepalive_s=0.2
-    )
-    await server.listen("127.0.0.1", 0)
-    port = server._listeners[0].sockets[0].getsockname()[1]
+    server, port = await _start(recorder, keepalive_s=0.2)
     try:
-        answer = await _exchange(port, b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n", 4)
+        answer = await exchange_raw(port, b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n", 4)
     finally:
         await server.close()
 
@@ -552,17 +540,13 @@ async def test_traffic_drain_cuts_what_outlasts_the_grace(
 async def test_traffic_access_log_names_the_request_without_its_query(
     recorder: Recorder, caplog: pytest.LogCaptureFixture
 ) -> None:
-    server = TrafficServer(
-        recorder, max_header_size=1024, header_timeout_s=5, access_log_enabled=True
-    )
-    await server.listen("127.0.0.1", 0)
-    port = server._listeners[0].sockets[0].getsockname()[1]
+    server, port = await _start(recorder, access_log_enabled=True)
     request = (
         b"GET /x?access_token=s3cr3t HTTP/1.1\r\nHost: a\r\n"
         b"Authorization: Bearer s3cr3t\r\nConnection: close\r\n\r\n"
     )
     with caplog.at_level(logging.INFO, logger="agw.gateway.access"):
-        await _exchange(port, request)
+        await exchange_raw(port, request)
     await server.close()
 
     assert [r.getMessage() for r in caplog.records] == [
@@ -579,7 +563,7 @@ async def test_traffic_head_bound_holds_for_a_head_after_a_pipelined_one(
     first = b"GET /a HTTP/1.1\r\nHost: a\r\n\r\n"
     request = first + b"GET /b HTTP/1.1\r\nHost: a\r\n%b\r\n" % lines
 
-    answer = await _exchange(served.port, request)
+    answer = await exchange_raw(served.port, request)
 
     assert _statuses(answer) == [b"200", b"431"]
 
@@ -645,7 +629,7 @@ async def test_traffic_transfer_coding_other_than_chunked_alone_is_501(
     request = b"POST /x HTTP/1.1\r\nHost: a\r\n%b\r\n3\r\nabc\r\n0\r\n\r\n" % codings
     smuggled = b"GET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n"
 
-    answer = await _exchange(served.port, request + smuggled)
+    answer = await exchange_raw(served.port, request + smuggled)
 
     assert _statuses(answer) == [b"501"]
     assert answer.endswith(
@@ -667,7 +651,7 @@ async def test_traffic_chunked_http10_request_is_400_and_closed(
         b"GET /smuggled HTTP/1.0\r\n\r\n"
     )
 
-    answer = await _exchange(served.port, request)
+    answer = await exchange_raw(served.port, request)
 
     assert _statuses(answer) == [b"400"]
     assert answer.endswith(b"\r\nConnection: close\r\n\r\n" + _BAD)
@@ -708,11 +692,7 @@ async def test_traffic_caller_that_stops_reading_is_cut_after_the_send_timeout(
 ) -> None:
     # Neither a finished answer waiting to be sent nor a handler waiting to
     # write may hold the connection (and so its agent's) for ever.
-    server = TrafficServer(
-        recorder, max_header_size=1024, header_timeout_s=5, send_timeout_s=0.3
-    )
-    await server.listen("127.0.0.1", 0)
-    port = server._listeners[0].sockets[0].getsockname()[1]
+    server, port = await _start(recorder, send_timeout_s=0.3)
     head = b"Connection: close\r\n" if close else b""
     try:
         writer = await _unread(
@@ -744,9 +724,7 @@ async def test_traffic_drain_lets_a_finished_answer_reach_its_caller(
         )
         request.end()
 
-    server = TrafficServer(handler, max_header_size=1024, header_timeout_s=5)
-    await server.listen("127.0.0.1", 0)
-    port = server._listeners[0].sockets[0].getsockname()[1]
+    server, port = await _start(handler)
     reader, writer = await _slow_caller(port, b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
 
     async def read_all() -> bytes:
@@ -785,9 +763,7 @@ async def test_traffic_pipelined_requests_wait_for_the_caller_to_read_answers(
         )
         request.end()
 
-    server = TrafficServer(handler, max_header_size=1024, header_timeout_s=5)
-    await server.listen("127.0.0.1", 0)
-    port = server._listeners[0].sockets[0].getsockname()[1]
+    server, port = await _start(handler)
     writer = await _unread(port, b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n" * 200)
     for _ in range(100):
         if answered == 200:
@@ -813,11 +789,9 @@ async def test_traffic_bodiless_answer_takes_no_body_bytes(served: Server) -> No
             await request.send_body(b"stray")
             request.end(b"more")
 
-    server = TrafficServer(Handler(), max_header_size=1024, header_timeout_s=5)
-    await server.listen("127.0.0.1", 0)
-    port = server._listeners[0].sockets[0].getsockname()[1]
+    server, port = await _start(Handler())
     try:
-        answer = await _exchange(
+        answer = await exchange_raw(
             port, b"GET /x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
         )
     finally:
