@@ -53,7 +53,7 @@ __all__ = [
     "worker_shim",
 ]
 
-LIBRARIES = ("aiohttp", "uvloop", "cryptography", "msgspec")
+LIBRARIES = ("aiohttp", "httptools", "uvloop", "cryptography", "msgspec")
 VALGRIND = ("valgrind", "--tool=callgrind", "--separate-threads=yes")
 
 # multiprocessing starts a gateway worker as ``<executable> -B -c '...' \
