@@ -388,6 +388,8 @@ class _Connection(asyncio.Protocol):
 
         self.closing = False  # no request is served after the current one
         self._stopped = False  # nothing more is parsed
+        self._last_parsed = False  # the last request this connection will take
+        self._body_of: TrafficRequest | None = None
         self._lost = False
         self._reading_paused = False
         self.write_paused = False
@@ -420,8 +422,8 @@ class _Connection(asyncio.Protocol):
             self._head_bytes += len(data)
         try:
             self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            self._upgrade_requested()
+        except httptools.HttpParserUpgrade as upgrade:
+            self._upgrade_requested(data[upgrade.args[0] :])
         except httptools.HttpParserError as exc:
             refusal = exc.__context__
             if not isinstance(refusal, _Refusal):
@@ -503,7 +505,13 @@ class _Connection(asyncio.Protocol):
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
-        if self.closing:
+        body_of = self._body_of
+        if body_of is not None:
+            # The stand-in head of an upgrade request's body (_read_body_of).
+            self._body_of = None
+            self._receiving = body_of
+            return
+        if self.closing or self._last_parsed:
             self._stopped = True  # a request after the last one served: ignored
             return
 
@@ -578,22 +586,45 @@ class _Connection(asyncio.Protocol):
             self.abort()
         self.task.cancel()
 
-    def _upgrade_requested(self) -> None:
+    def _upgrade_requested(self, rest: bytes) -> None:
         # The gateway does not switch protocols: the request is answered as
         # any other, and the connection closes after it, so that nothing sent
-        # after the head (in what the caller took for another protocol) is
-        # ever parsed as HTTP. llhttp skips an upgrade request's body, so one
-        # that announces a body cannot be served.
+        # after it (in what the caller took for another protocol) is ever
+        # parsed as HTTP.
         self._stopped = True
         request = self._queue[-1] if self._queue else None
         if request is None:
             return
         request.keep_alive = False
-        if request.body is not None:
-            request.refusal = _Refusal(*_MALFORMED)
-            request.body = None
         self._receiving = None
+        if request.body is not None and request.refusal is None:
+            self._read_body_of(request, rest)
         self.update_reading()
+
+    def _read_body_of(self, request: TrafficRequest, rest: bytes) -> None:
+        """Parse the body of an upgrade request, which llhttp skips.
+
+        A parser of its own is given a head with the same framing and no
+        Upgrade, then the bytes after the real head: it reads the body as
+        it would any other, and nothing after it.
+        """
+        if request.content_length is None:
+            framing = b"Transfer-Encoding: chunked"
+        else:
+            framing = b"Content-Length: %d" % request.content_length
+        request.body = RequestBody(self)
+        self._body_of = request
+        self._last_parsed = True
+        self._stopped = False
+        self._parser = httptools.HttpRequestParser(self)
+        try:
+            self._parser.feed_data(b"POST / HTTP/1.1\r\n%b\r\n\r\n" % framing)
+            self._parser.feed_data(rest)
+        except httptools.HttpParserError as exc:
+            refusal = exc.__context__
+            if not isinstance(refusal, _Refusal):
+                refusal = _Refusal(*_MALFORMED)
+            self._refuse(refusal)
 
     def _head_timed_out(self) -> None:
         self._head_timer = None

@@ -354,17 +354,44 @@ async def test_traffic_upgrade_is_answered_as_http_then_closed(
     assert [seen["target"] for seen in recorder.seen] == ["/ws"]
 
 
-async def test_traffic_upgrade_with_a_body_is_400(
+@pytest.mark.parametrize(
+    ("framing", "body"),
+    [
+        (b"Content-Length: 4", b"abcd"),
+        (b"Transfer-Encoding: chunked", b"2\r\nab\r\n2\r\ncd\r\n0\r\n\r\n"),
+    ],
+    ids=["length", "chunked"],
+)
+async def test_traffic_upgrade_request_body_is_read_and_nothing_after_it(
+    served: Server, recorder: Recorder, framing: bytes, body: bytes
+) -> None:
+    # As curl --http2 sends a POST to an http:// URL.
+    request = (
+        b"POST /h2c HTTP/1.1\r\nHost: a\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+        b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n%b\r\n\r\n%b"
+        b"GET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n" % (framing, body)
+    )
+
+    answer = await exchange_raw(served.port, request)
+
+    assert _statuses(answer) == [b"200"]
+    assert b"\r\nConnection: close\r\n" in answer
+    assert answer.endswith(b'{"n":1,"body":"abcd"}')
+    assert [seen["target"] for seen in recorder.seen] == ["/h2c"]
+
+
+async def test_traffic_upgrade_request_with_a_broken_body_is_400(
     served: Server, recorder: Recorder
 ) -> None:
     request = (
-        b"POST /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n"
-        b"Content-Length: 4\r\n\r\nabcd"
+        b"POST /h2c HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\nzz\r\n"
     )
 
     answer = await exchange_raw(served.port, request)
 
     assert _statuses(answer) == [b"400"]
+    assert answer.endswith(_BAD)
     assert recorder.seen == []
 
 
