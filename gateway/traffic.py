@@ -53,10 +53,10 @@ SEND_TIMEOUT_S = 60.0
 # once the handler has taken what is buffered.
 _HIGH_WATER = 256 * 1024
 
-# After an answer that did not wait for the whole request body, the rest of
-# the body is read and dropped for this long before the connection closes:
-# closing with unread bytes would reset it, and the caller could lose the
-# answer.
+# After the last answer on a connection, what the caller still sends (the
+# rest of a body the answer did not wait for, say) is read and dropped for up
+# to this long before the connection closes: closing with unread bytes would
+# reset it, and the caller could lose the answer.
 _LINGER_S = 2.0
 
 # How often idle connections are swept and the Date header is renewed.
