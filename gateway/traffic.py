@@ -75,12 +75,12 @@ _SMALL_CHUNK = 16 * 1024
 _json = msgspec.json.Encoder()
 
 
+_REASONS = {status.value: status.phrase.encode("latin-1") for status in http.HTTPStatus}
+
+
 def reason_phrase(status: int) -> bytes:
     """The standard reason phrase of a status."""
-    try:
-        return http.HTTPStatus(status).phrase.encode("latin-1")
-    except ValueError:
-        return b"Unknown"
+    return _REASONS.get(status, b"Unknown")
 
 
 class _Refusal(Exception):
@@ -425,10 +425,7 @@ class _Connection(asyncio.Protocol):
         except httptools.HttpParserUpgrade as upgrade:
             self._upgrade_requested(data[upgrade.args[0] :])
         except httptools.HttpParserError as exc:
-            refusal = exc.__context__
-            if not isinstance(refusal, _Refusal):
-                refusal = _Refusal(*_MALFORMED)
-            self._refuse(refusal)
+            self._refuse(_refusal_of(exc))
             return
         if self.task is None and self._queue:
             self._serve_next()
@@ -502,9 +499,7 @@ class _Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self._in_head = False
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
+        self._cancel_head_timer()
         body_of = self._body_of
         if body_of is not None:
             # The stand-in head of an upgrade request's body (_read_body_of).
@@ -555,9 +550,7 @@ class _Connection(asyncio.Protocol):
         """Answer after the requests before it, then close; parse no more."""
         self._stopped = True
         self._in_head = False
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
+        self._cancel_head_timer()
         receiving = self._receiving
         self._receiving = None
         if receiving is not None and receiving.body is not None:
@@ -621,10 +614,7 @@ class _Connection(asyncio.Protocol):
             self._parser.feed_data(b"POST / HTTP/1.1\r\n%b\r\n\r\n" % framing)
             self._parser.feed_data(rest)
         except httptools.HttpParserError as exc:
-            refusal = exc.__context__
-            if not isinstance(refusal, _Refusal):
-                refusal = _Refusal(*_MALFORMED)
-            self._refuse(refusal)
+            self._refuse(_refusal_of(exc))
 
     def _head_timed_out(self) -> None:
         self._head_timer = None
@@ -777,10 +767,21 @@ class _Connection(asyncio.Protocol):
                 timer.cancel()
         self._head_timer = self._linger_timer = None
 
+    def _cancel_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
     def _cancel_stall_timer(self) -> None:
         if self._stall_timer is not None:
             self._stall_timer.cancel()
             self._stall_timer = None
+
+
+def _refusal_of(error: httptools.HttpParserError) -> _Refusal:
+    """The answer to a parse error: ours when a callback raised it, else 400."""
+    refusal = error.__context__
+    return refusal if isinstance(refusal, _Refusal) else _Refusal(*_MALFORMED)
 
 
 def _text(raw: bytes) -> str:

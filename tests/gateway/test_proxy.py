@@ -449,17 +449,13 @@ def _dated(answer: bytes) -> bytes:
     ids=["latin-1-value", "agent-date-and-server", "control-in-reason"],
 )
 async def test_proxy_response_head_is_the_agents_byte_for_byte(
-    gateway_factory: GatewayFactory,
-    redis_url: str,
-    redis_store: Store,
-    environment: str,
+    raw_gateway: GatewayProcess,
     raw_agent: _RawAgent,
     sent: bytes,
     received: bytes,
 ) -> None:
     raw_agent.answer = sent
-    await commit_agent(redis_store, environment, "p", "raw", await raw_agent.start())
-    gateway = await gateway_factory(store=redis_url, environment=environment)
+    gateway = raw_gateway
 
     request = b"GET /p/raw/x HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n"
     answer = await _exchange(gateway.port, request)
@@ -498,7 +494,7 @@ async def raw_gateway(
 
 
 def _status(answer: bytes) -> bytes:
-    """Status code and reason (the gateway's own errors are HTTP/1.0)."""
+    """Status code and reason of an answer."""
     return answer.split(b"\r\n", 1)[0].split(b" ", 1)[1]
 
 
@@ -631,10 +627,7 @@ async def test_proxy_header_timeout_spares_idle_connections_and_slow_bodies(
 
 
 async def test_proxy_gzip_request_body_goes_upstream_byte_for_byte(
-    gateway_factory: GatewayFactory,
-    redis_url: str,
-    redis_store: Store,
-    environment: str,
+    raw_gateway: GatewayProcess,
     raw_agent: _RawAgent,
     http: aiohttp.ClientSession,
 ) -> None:
@@ -645,8 +638,7 @@ async def test_proxy_gzip_request_body_goes_upstream_byte_for_byte(
         b"X-Auth-Api-Key-Name: admin\r\nContent-Length: 0\r\n\r\n"
     )
     body = gzip.compress(b"a" * 4096 + smuggled)
-    await commit_agent(redis_store, environment, "p", "raw", await raw_agent.start())
-    gateway = await gateway_factory(store=redis_url, environment=environment)
+    gateway = raw_gateway
 
     headers = {"Content-Encoding": "gzip", "Content-Type": "text/plain"}
     async with http.post(
@@ -664,15 +656,11 @@ async def test_proxy_gzip_request_body_goes_upstream_byte_for_byte(
 
 
 async def test_proxy_invalid_gzip_request_body_is_passed_on_not_hung(
-    gateway_factory: GatewayFactory,
-    redis_url: str,
-    redis_store: Store,
-    environment: str,
+    raw_gateway: GatewayProcess,
     raw_agent: _RawAgent,
     http: aiohttp.ClientSession,
 ) -> None:
-    await commit_agent(redis_store, environment, "p", "raw", await raw_agent.start())
-    gateway = await gateway_factory(store=redis_url, environment=environment)
+    gateway = raw_gateway
 
     headers = {"Content-Encoding": "gzip"}
     async with http.post(
@@ -737,17 +725,13 @@ async def test_proxy_requests_reach_the_metrics_within_a_flush_interval(
     ids=["unframed-closes", "framed-kept-alive"],
 )
 async def test_proxy_http10_caller_gets_a_body_it_can_delimit(
-    gateway_factory: GatewayFactory,
-    redis_url: str,
-    redis_store: Store,
-    environment: str,
+    raw_gateway: GatewayProcess,
     raw_agent: _RawAgent,
     answer: bytes,
     ending: bytes,
 ) -> None:
     raw_agent.answer = answer
-    await commit_agent(redis_store, environment, "p", "raw", await raw_agent.start())
-    gateway = await gateway_factory(store=redis_url, environment=environment)
+    gateway = raw_gateway
 
     request = b"GET /p/raw/x HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"
     got = await exchange_raw(gateway.port, request, 1.5, eof=b"<EOF>")
