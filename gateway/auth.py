@@ -58,9 +58,12 @@ class Identity:
 
     __slots__ = ("headers", "lines")
 
-    def __init__(self, headers: tuple[tuple[str, str], ...] = ()) -> None:
+    def __init__(
+        self, headers: tuple[tuple[str, str], ...] = (), lines: str | None = None
+    ) -> None:
+        # ``lines`` only from a caller that checked every value itself.
         self.headers = headers
-        self.lines = _header_lines(headers)
+        self.lines = _header_lines(headers) if lines is None else lines
 
 
 def _header_lines(headers: tuple[tuple[str, str], ...]) -> str | None:

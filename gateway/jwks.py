@@ -165,7 +165,7 @@ def _okp(jwk: dict[str, Any]) -> PublicKey:
 class KeySet:
     """An identity provider's usable keys, indexed for the hot path."""
 
-    __slots__ = ("by_kid", "jwks", "keys", "loaded")
+    __slots__ = ("_fitting", "by_kid", "jwks", "keys", "loaded")
 
     def __init__(
         self,
@@ -181,6 +181,16 @@ class KeySet:
             if key.kid is not None:
                 by_kid.setdefault(key.kid, []).append(key)
         self.by_kid = {kid: tuple(ks) for kid, ks in by_kid.items()}
+        # Every answer of candidates() that can be asked for, worked out once
+        # per set: (alg, kid) for each algorithm a key allows and each kid of
+        # the set, and (alg, None). An unknown kid is not stored, so no token
+        # can grow this.
+        algorithms = {alg for key in keys for alg in key.algorithms}
+        self._fitting = {
+            (alg, kid): tuple([k for k in ks if alg in k.algorithms])
+            for alg in algorithms
+            for kid, ks in [(None, keys), *self.by_kid.items()]
+        }
 
     def candidates(self, alg: str, kid: str | None) -> tuple[VerificationKey, ...]:
         """Keys to try for a token, in set order; empty for an unknown ``kid``.
@@ -189,8 +199,7 @@ class KeySet:
         the contract says: a forged one costs up to :data:`MAX_KEYS`
         verifications, which is why a set is held to that many keys.
         """
-        keys = self.keys if kid is None else self.by_kid.get(kid, ())
-        return tuple([k for k in keys if alg in k.algorithms])
+        return self._fitting.get((alg, kid), ())
 
     def has_kid(self, kid: str) -> bool:
         return kid in self.by_kid

@@ -13,7 +13,7 @@ import functools
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 import aiohttp
 import msgspec
@@ -102,7 +102,17 @@ class KeysUnavailable(Exception):
 class IdpState:
     """One identity provider as applied: its policy, precomputed, and its keys."""
 
-    __slots__ = ("algorithms", "audiences", "issuer", "keyring", "name", "skew")
+    __slots__ = (
+        "_anonymous",
+        "_tail",
+        "_tail_lines",
+        "algorithms",
+        "audiences",
+        "issuer",
+        "keyring",
+        "name",
+        "skew",
+    )
 
     def __init__(
         self, name: str, policy: IdentityProviderPolicy, keyring: Keyring
@@ -114,6 +124,25 @@ class IdpState:
         self.audiences = frozenset(policy.audiences)
         allowed = policy.algorithms or ALGORITHMS
         self.algorithms = frozenset(a for a in allowed if a in ALGORITHMS)
+        # The identity headers every token of this provider shares, checked
+        # once: a verified token adds only its subject.
+        self._tail = (
+            ("X-Auth-Issuer", self.issuer),
+            ("X-Auth-Identity-Provider", name),
+        )
+        self._anonymous = Identity(self._tail)
+        self._tail_lines = self._anonymous.lines
+
+    def identity(self, sub: str | None) -> Identity:
+        """The identity headers of a verified token with subject ``sub``."""
+        if sub is None:
+            return self._anonymous
+        headers = (("X-Auth-Subject", sub), *self._tail)
+        # read_claims refused a subject with any control character, so the
+        # subject's line needs no other check; the tail's was checked above.
+        if self._tail_lines is None:
+            return Identity(headers)
+        return Identity(headers, f"X-Auth-Subject: {sub}\r\n{self._tail_lines}")
 
 
 class IdentityProviders:
@@ -252,15 +281,10 @@ class Verified:
         skew = state.skew
         # check_times: exp > now - skew, nbf <= now + skew, iat <= now + skew.
         self.valid_until = claims.exp + skew
-        starts = [t for t in (claims.nbf, claims.iat) if t is not None]
-        self.valid_from = max(starts) - skew if starts else -math.inf
-        headers = [
-            ("X-Auth-Issuer", claims.iss),
-            ("X-Auth-Identity-Provider", state.name),
-        ]
-        if claims.sub is not None:
-            headers.insert(0, ("X-Auth-Subject", claims.sub))
-        self.identity = Identity(tuple(headers))
+        nbf, iat = claims.nbf, claims.iat
+        start = nbf if iat is None else iat if nbf is None else max(nbf, iat)
+        self.valid_from = -math.inf if start is None else start - skew
+        self.identity = state.identity(claims.sub)
 
     def still_trusted(self, state: IdpState | None) -> bool:
         """Same identity provider policy, and the key is still published."""
@@ -292,12 +316,11 @@ class TokenCache:
         self.max_bytes = max_bytes
         self._entries: OrderedDict[str, Verified] = OrderedDict()
         self._bytes = 0
+        # The lookup of every request, without a method call of our own.
+        self.get: Callable[[str], Verified | None] = self._entries.get
 
     def __len__(self) -> int:
         return len(self._entries)
-
-    def get(self, token: str) -> Verified | None:
-        return self._entries.get(token)
 
     def put(self, token: str, verified: Verified) -> None:
         if token in self._entries:
@@ -546,6 +569,11 @@ class OAuthAuthenticator(Authenticator):
         self._cache = idps.cache
         self._header = settings.header_name
         self._prefix = settings.auth_header_prefix.strip().lower()
+        # The prefix as callers send it, with its space ("Bearer "); with no
+        # prefix, a value that starts with anything.
+        self._sent_prefix = (
+            settings.auth_header_prefix.strip() + " " if self._prefix else ""
+        )
         strip = set(IDENTITY_HEADERS)
         if not settings.forward_token:
             strip.add(settings.header_name.lower())
@@ -561,19 +589,50 @@ class OAuthAuthenticator(Authenticator):
         return self._routes
 
     def check(self, headers: MultiMapping[str]) -> Identity | Awaitable[Identity]:
-        # The hot path: a token verified before costs a dict lookup and two
-        # comparisons; a new one, a verification. A coroutine only when the
-        # keys must be fetched first.
-        token = self._token(headers)
-        routes = self._current_routes()
+        # The hot path: a token verified before costs a dict lookup and a few
+        # comparisons, inline; a new one, a verification. A coroutine only
+        # when the keys must be fetched first.
+        values = headers.getall(self._header, ())
+        token = None
+        if len(values) == 1:
+            # The usual case, "Bearer <token>" with one space and no other
+            # whitespace around the token, without the general path's copies.
+            value = values[0]
+            sent = self._sent_prefix
+            if value and value.startswith(sent) and value[-1] not in " \t":
+                token = value[len(sent) :]
+                if not token or token[0] in " \t":
+                    token = None
+        if token is None:
+            token = self._token(values)
+        routes = self._routes
+        if self._version != self._idps.version:
+            routes = self._current_routes()
         now = time.time()
         try:
-            verified = self._cached(token, routes, now)
+            entry = self._cache.get(token)
+            if entry is not None:
+                state = entry.state
+                route = routes.get(state.issuer)
+                if (
+                    route is not None
+                    and route.state is state
+                    and entry.key in state.keyring.keys.keys
+                ):
+                    _CACHE_HIT.count += 1
+                    if not entry.valid_from <= now < entry.valid_until:
+                        check_times(entry.claims, now, state.skew)  # says which
+                    audiences = route.audiences
+                    if audiences and audiences.isdisjoint(entry.claims.aud or ()):
+                        check_audience(entry.claims, audiences)  # says which
+                    _ALLOWED.count += 1
+                    return entry.identity
+                self._cache.discard(token)
+            _CACHE_MISS.count += 1
+            verified = verify_with_keys_at_hand(token, routes, now)
             if verified is None:
-                verified = verify_with_keys_at_hand(token, routes, now)
-                if verified is None:
-                    return self._verify(token, routes, now)
-                self._cache.put(token, verified)
+                return self._verify(token, routes, now)
+            self._cache.put(token, verified)
         except TokenError as exc:
             raise _invalid(exc) from None
         _ALLOWED.count += 1
@@ -592,36 +651,15 @@ class OAuthAuthenticator(Authenticator):
         _ALLOWED.count += 1
         return verified.identity
 
-    def _token(self, headers: MultiMapping[str]) -> str:
+    def _token(self, values: Sequence[str]) -> str:
+        """The token of the header's values by the general rules, or the refusal."""
         try:
-            token = extract_token(headers.getall(self._header, []), self._prefix)
+            token = extract_token(values, self._prefix)
         except ValueError:
             raise _duplicate(self._header) from None
-        except TokenError as exc:
-            raise _invalid(exc) from None
         if token is None:
             raise _missing()
         return token
-
-    def _cached(
-        self, token: str, routes: Mapping[str, Route], now: float
-    ) -> Verified | None:
-        entry = self._cache.get(token)
-        if entry is None:
-            _CACHE_MISS.count += 1
-            return None
-        route = routes.get(entry.claims.iss)
-        if route is None or not entry.still_trusted(route.state):
-            _CACHE_MISS.count += 1
-            self._cache.discard(token)
-            return None
-        _CACHE_HIT.count += 1
-        if not entry.valid_from <= now < entry.valid_until:
-            check_times(entry.claims, now, route.state.skew)  # says which
-        audiences = route.audiences
-        if audiences and not entry.audience_in(audiences):
-            check_audience(entry.claims, audiences)  # says which
-        return entry
 
 
 # --- diagnosis --------------------------------------------------------------

@@ -10,7 +10,7 @@ from __future__ import annotations
 import binascii
 import math
 import re
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from typing import Any, Final, cast
 
 import orjson
@@ -126,24 +126,22 @@ def verify_signature(alg: str, key: VerificationKey, data: bytes, sig: bytes) ->
     """Whether ``sig`` is ``key``'s signature of ``data`` under ``alg``."""
     if alg not in key.algorithms:
         return False
+    # The kind was read off the key when it was built (casts cost nothing).
+    size = alg[2:]
     try:
-        _verify(alg, key, data, sig)
+        if key.kind == "RSA":
+            pad = _PKCS1 if alg[:2] == "RS" else _PSS[size]
+            cast(rsa.RSAPublicKey, key.public_key).verify(sig, data, pad, _SHA[size])
+        elif key.kind == "EC":
+            der = _raw_to_der(alg, sig)
+            cast(ec.EllipticCurvePublicKey, key.public_key).verify(
+                der, data, _ECDSA[size]
+            )
+        else:
+            cast(_EdKey, key.public_key).verify(sig, data)
     except (InvalidSignature, ValueError, TypeError):
         return False
     return True
-
-
-def _verify(alg: str, key: VerificationKey, data: bytes, sig: bytes) -> None:
-    # The kind was read off the key when it was built (casts cost nothing).
-    size = alg[2:]
-    if key.kind == "RSA":
-        pad = _PKCS1 if alg[:2] == "RS" else _PSS[size]
-        cast(rsa.RSAPublicKey, key.public_key).verify(sig, data, pad, _SHA[size])
-    elif key.kind == "EC":
-        der = _raw_to_der(alg, sig)
-        cast(ec.EllipticCurvePublicKey, key.public_key).verify(der, data, _ECDSA[size])
-    else:
-        cast(_EdKey, key.public_key).verify(sig, data)
 
 
 def _raw_to_der(alg: str, sig: bytes) -> bytes:
@@ -160,7 +158,7 @@ def _raw_to_der(alg: str, sig: bytes) -> bytes:
 # --- extraction -------------------------------------------------------------
 
 
-def extract_token(values: list[str], prefix: str) -> str | None:
+def extract_token(values: Sequence[str], prefix: str) -> str | None:
     """The token from the configured header's values; ``None`` when absent.
 
     ``prefix`` is the configured prefix lower-cased. Two or more header
@@ -189,25 +187,44 @@ def _after_prefix(value: str, prefix: str) -> str | None:
 
 # --- parsing ----------------------------------------------------------------
 
-_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
-_INDEX = {c: i for i, c in enumerate(_ALPHABET)}
 _PAD = ("", None, "==", "=")
+# The value of each standard base64 character: the last character of an
+# unpadded part may not set bits that the decoded bytes leave unused.
+_VALUE = {
+    c: i
+    for i, c in enumerate(
+        "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+    )
+}
+_UNUSED_BITS = (0, 0, 0x0F, 0x03)
+
+
+def _to_standard(text: str) -> str:
+    """base64url text in the standard alphabet, for the strict decoder.
+
+    The standard alphabet's own "+", "/" and "=" become "!" first, which the
+    strict decoder refuses like every other character outside the alphabet
+    (and any character that is not ASCII). str.replace and ``in`` scan fast.
+    """
+    if "+" in text or "/" in text or "=" in text:
+        text = text.replace("+", "!").replace("/", "!").replace("=", "!")
+    return text.replace("-", "+").replace("_", "/")
 
 
 def b64url_decode(part: str) -> bytes:
-    """Strict base64url without padding: only canonical encodings decode.
+    """Strict base64url without padding: only canonical encodings decode."""
+    return _b64_standard(_to_standard(part))
 
-    The standard alphabet's "+", "/" and "=" are refused first; the strict
-    decoder then refuses every other character outside the alphabet.
-    """
+
+def _b64_standard(part: str) -> bytes:
+    # ``part`` is base64url already turned to the standard alphabet (above).
     rem = len(part) % 4
     pad = _PAD[rem]
-    if pad is None or "+" in part or "/" in part or "=" in part:
+    if pad is None:
         raise ValueError("not base64url")
-    if rem and _INDEX.get(part[-1], 0) & (0x0F if rem == 2 else 0x03):
+    if rem and _VALUE.get(part[-1], 0) & _UNUSED_BITS[rem]:
         raise ValueError("non-canonical base64url")
-    std = part.replace("-", "+").replace("_", "/") + pad
-    return binascii.a2b_base64(std, strict_mode=True)
+    return binascii.a2b_base64(part + pad, strict_mode=True)
 
 
 class ParsedToken:
@@ -232,32 +249,30 @@ class ParsedToken:
 
 def parse_token(token: str) -> ParsedToken:
     """Split and decode a JWS compact token and check its protected header."""
-    parts = _split(token)
-    header = _json_object(parts[0], "header")
-    _check_header(header)
-    claims = _json_object(parts[1], "payload")
-    signature = _decode_part(parts[2], "signature")
-    signing_input = f"{parts[0]}.{parts[1]}".encode("ascii")
-    return ParsedToken(header, claims, signing_input, signature)
-
-
-def _split(token: str) -> list[str]:
     if len(token) > MAX_TOKEN_LENGTH:
         raise TokenError("format", "token too long")
     if token.startswith("{"):
         raise TokenError("format", "JWS JSON serialization is not accepted")
-    parts = token.split(".")
-    if len(parts) == 5:
-        raise TokenError("format", "encrypted tokens (JWE) are not accepted")
+    # One translation for the whole token, then per part.
+    parts = _to_standard(token).split(".")
     if len(parts) != 3:
+        if len(parts) == 5:
+            raise TokenError("format", "encrypted tokens (JWE) are not accepted")
         raise TokenError("format", "token is not a JWS compact serialization")
-    return parts
+    header = _json_object(parts[0], "header")
+    _check_header(header)
+    claims = _json_object(parts[1], "payload")
+    signature = _decode_part(parts[2], "signature")
+    # The signed bytes are the token's own, "header.payload" as it came:
+    # ASCII, since every part decoded.
+    signing_input = token[: len(parts[0]) + 1 + len(parts[1])].encode("ascii")
+    return ParsedToken(header, claims, signing_input, signature)
 
 
 def _decode_part(part: str, what: str) -> bytes:
     try:
-        return b64url_decode(part)
-    except (ValueError, binascii.Error):
+        return _b64_standard(part)
+    except ValueError:  # binascii.Error is one
         raise TokenError("format", f"token {what} is not base64url") from None
 
 
@@ -368,14 +383,21 @@ def _required_time(claims: dict[str, Any]) -> float:
     return exp
 
 
+_ABSENT: Final = object()
+
+
 def _time(claims: dict[str, Any], name: str, check: str) -> float | None:
-    if name not in claims:
+    value = claims.get(name, _ABSENT)
+    if value is _ABSENT:
         return None
-    value = claims[name]
-    # bool is an int subclass in Python, but not a JSON number.
-    if type(value) not in (int, float) or not math.isfinite(value):
+    # bool is an int subclass in Python, but not a JSON number. An int from
+    # JSON fits 64 bits (orjson), so it is finite as a float too.
+    kind = type(value)
+    if kind is int:
+        return float(value)
+    if kind is not float or not math.isfinite(value):
         raise TokenError(check, f"token {name} is not a number")
-    return float(value)
+    return cast(float, value)
 
 
 def _audience(aud: object) -> tuple[str, ...] | None:
