@@ -8,7 +8,9 @@ deployments and heartbeats, rare enough that an fsync each is cheap.
 Every SQLite call runs on one worker thread per store, holding that thread's
 only connection, so the event loop never blocks on disk or on another
 process's lock. Commits from other processes are noticed by a watcher thread
-that polls ``PRAGMA data_version`` (a read of shared memory, no disk I/O).
+that polls ``PRAGMA data_version`` (a read of shared memory, no disk I/O):
+every 5 ms after a change, slowing to every 25 ms while nothing changes, as
+each poll is a thread wake-up (~0.1 ms of CPU on a small VM).
 """
 
 from __future__ import annotations
@@ -82,6 +84,7 @@ class EmbeddedStore:
         *,
         change_log_size: int = 10_000,
         poll_interval_s: float = 0.005,
+        quiet_poll_interval_s: float = 0.025,
     ) -> None:
         if change_log_size < 1:
             raise ValueError("change_log_size must be at least 1")
@@ -89,6 +92,7 @@ class EmbeddedStore:
         self.path = Path(directory) / DATABASE_NAME
         self._log_size = change_log_size
         self._poll_interval_s = poll_interval_s
+        self._quiet_poll_interval_s = max(quiet_poll_interval_s, poll_interval_s)
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="agw-store")
         self._conn: sqlite3.Connection | None = None
         self._watcher: _Watcher | None = None
@@ -206,6 +210,7 @@ class EmbeddedStore:
             self._watcher = _Watcher(
                 self.path,
                 self._poll_interval_s,
+                self._quiet_poll_interval_s,
                 lambda: loop.call_soon_threadsafe(self._wake),
             )
 
@@ -245,10 +250,16 @@ class _Watcher:
     """A thread that notices commits of any process and calls back on each."""
 
     def __init__(
-        self, path: Path, interval_s: float, on_change: Callable[[], object]
+        self,
+        path: Path,
+        interval_s: float,
+        quiet_interval_s: float,
+        on_change: Callable[[], object],
     ) -> None:
         self._path = path
         self._interval_s = interval_s
+        self._quiet_interval_s = quiet_interval_s
+        self.polls = 0
         self._on_change = on_change
         self._stopping = threading.Event()
         self._thread = threading.Thread(
@@ -271,7 +282,9 @@ class _Watcher:
 
     def _poll(self, conn: sqlite3.Connection) -> None:
         last = None
-        while not self._stopping.wait(self._interval_s):
+        interval = self._interval_s
+        while not self._stopping.wait(interval):
+            self.polls += 1
             try:
                 version = conn.execute("PRAGMA data_version").fetchone()[0]
             except sqlite3.Error:
@@ -279,7 +292,15 @@ class _Watcher:
 
             if version != last or version is None:
                 last = version
+                interval = self._interval_s
                 self._on_change()
+            else:
+                interval = next_interval(interval, self._quiet_interval_s)
+
+
+def next_interval(interval_s: float, quiet_interval_s: float) -> float:
+    """The wait before the next poll after one that found no change."""
+    return min(interval_s * 2, quiet_interval_s)
 
 
 def _connect(path: Path) -> sqlite3.Connection:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from gateway.store import Change, StoreUnavailable
-from gateway.store.embedded import EmbeddedStore
+from gateway.store.embedded import EmbeddedStore, next_interval
 from tests.gateway.test_store import PATIENCE_S, take
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -138,3 +138,33 @@ async def test_embedded_store_close_ends_waiting_followers(
 def test_embedded_store_rejects_empty_change_log(embedded_path: Path) -> None:
     with pytest.raises(ValueError, match="change_log_size"):
         EmbeddedStore(embedded_path, change_log_size=0)
+
+
+def test_embedded_store_watcher_slows_down_while_nothing_changes() -> None:
+    intervals = [0.005]
+    for _ in range(4):
+        intervals.append(next_interval(intervals[-1], 0.025))
+    assert intervals == [0.005, 0.01, 0.02, 0.025, 0.025]
+
+
+async def test_embedded_store_quiet_watcher_polls_at_the_quiet_interval(
+    embedded_path: Path,
+) -> None:
+    store = EmbeddedStore(
+        embedded_path, poll_interval_s=0.001, quiet_poll_interval_s=0.05
+    )
+    follower = asyncio.create_task(take(store.follow("dev", 0), 1))
+    try:
+        await store.revision("dev")
+        await asyncio.sleep(0.2)  # the watcher is started and has slowed down
+        assert store._watcher is not None
+        before = store._watcher.polls
+        await asyncio.sleep(0.5)
+        polls = store._watcher.polls - before
+    finally:
+        follower.cancel()
+        await store.close()
+
+    # Each wait lasts at least its interval: at most 0.5 s / 50 ms polls (and
+    # one more for a wait under way), where the 1 ms base rate would be ~500.
+    assert 1 <= polls <= 11
