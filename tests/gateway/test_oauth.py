@@ -20,7 +20,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from gateway.auth import IDENTITY_HEADERS, AuthFailure
 from gateway.oauth import IdentityProviders, OAuthAuthenticator, diagnose
 from gateway.policy import IdentityProviderPolicy, OAuthSettings
-from gateway.tokens import VerificationKey, verify_signature
+from gateway.tokens import VerificationKey, extract_token, verify_signature
 from tests.gateway.tokenkit import (
     ISSUER,
     b64,
@@ -775,11 +775,46 @@ def test_authenticate_property_signed_tokens_with_any_claims(
             return
         # What the proxy puts on header lines must be able to go there as is.
         assert identity.headers[-1] == ("X-Auth-Identity-Provider", "idp-a")
+        assert identity.lines == "".join(f"{n}: {v}\r\n" for n, v in identity.headers)
         for _, value in identity.headers:
             assert value == value.strip() and not {"\r", "\n", "\0"} & set(value)
             value.encode("utf-8", "surrogateescape")
 
     asyncio.run(run())
+
+
+_VALID = sign(RSA)
+_BLANKS = st.sampled_from(["", " ", "  ", "\t", " \t "])
+_SCHEMES = st.sampled_from(["Bearer", "bearer", "BEARER", "Bearer:", "Bearerx", ""])
+_FRAMED = st.builds(
+    lambda a, scheme, b, c: f"{a}{scheme}{b}{_VALID}{c}",
+    _BLANKS,
+    _SCHEMES,
+    _BLANKS,
+    _BLANKS,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(value=_FRAMED, prefix=st.sampled_from(["Bearer", "bearer ", ""]))
+def test_authenticate_property_token_is_read_as_the_general_rule_reads_it(
+    value: str, prefix: str
+) -> None:
+    # The hot path reads the usual "Bearer <token>" without the general rule;
+    # for every framing, the outcome must be the general rule's.
+    expected = extract_token([value], prefix.strip().lower()) == _VALID
+
+    async def run() -> bool:
+        idps = IdentityProviders()
+        idps.apply("idp-a", idp_a())
+        auth = OAuthAuthenticator(oauth(auth_header_prefix=prefix), idps)
+        try:
+            await auth.authenticate(headers(value))
+        except AuthFailure:
+            return False
+        return True
+
+    assert asyncio.run(run()) is expected
 
 
 # --- diagnosis ------------------------------------------------------------------
