@@ -13,7 +13,7 @@ import logging
 import re
 import socket
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 import pytest
@@ -701,7 +701,8 @@ async def _slow_caller(
 async def _unread(port: int, request: bytes) -> asyncio.StreamWriter:
     """A caller that sends ``request`` and never reads the answer."""
     _, writer = await _slow_caller(port, request)
-    writer.transport.pause_reading()
+    # uvloop's transports are not asyncio.Transport subclasses.
+    cast(asyncio.Transport, writer.transport).pause_reading()
     return writer
 
 
