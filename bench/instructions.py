@@ -172,27 +172,21 @@ def idle(seconds: float) -> int:
 
 
 def pick_rows(rows: Sequence[Row]) -> list[Row]:
-    """The harness's rows of ours, and ``none`` carrying a token it never checks.
+    """The harness's rows of ours, c+ labelled with the size of what it carries.
 
-    That row tells the cost of carrying an Authorization header from the
-    cost of checking it.
+    c+ is ``none`` carrying d's token, unchecked: it tells the cost of
+    carrying an Authorization header from the cost of checking it.
     """
-    ours = [
-        dataclasses.replace(row, label=row.label.removeprefix("ours, "))
-        for row in rows
-        if row.key in "cdef"
-    ]
-    none, repeating = ours[0], ours[1]
-    size = len(f"{repeating.header}: {repeating.header_values(0)[0]}")
-    carrying = dataclasses.replace(
-        none,
-        key="c+",
-        label=f"auth none, {size}-byte Authorization unchecked",
-        header=repeating.header,
-        credentials=repeating.credentials,
-        prefix=repeating.prefix,
-    )
-    return [none, carrying, *ours[1:]]
+    picked = []
+    for row in rows:
+        if not row.ours:
+            continue
+        label = row.label.removeprefix("ours, ")
+        if row.key == "c+":
+            size = len(f"{row.header}: {row.header_values(0)[0]}")
+            label = f"auth none, {size}-byte Authorization unchecked"
+        picked.append(dataclasses.replace(row, label=label))
+    return picked
 
 
 def format_table(figures: Sequence[tuple[Row, float]]) -> str:

@@ -18,6 +18,7 @@ from bench.harness import (
     find_tool,
     haproxy_config,
     nginx_config,
+    oauth_cost,
     parse_wrk,
     run_wrk,
 )
@@ -134,3 +135,27 @@ def test_row_header_values_are_the_slice_the_wrk_script_sends(tmp_path: Path) ->
     assert sliced.header_values(1) == ["Bearer t2", "Bearer t3"]
     assert whole.header_values(3) == ["t0", "t1", "t2", "t3", "t4"]
     assert bare.header_values(0) == []
+
+
+def _measured(key: str, *cpu_us: float) -> Row:
+    row = Row(key, "test", "http://127.0.0.1:1/", list)
+    row.results = [{"cpu_us": value} for value in cpu_us]
+    return row
+
+
+def test_oauth_cost_compares_d_with_none_with_and_without_the_header() -> None:
+    rows = [
+        _measured("b", 50.0),
+        _measured("c", 40.0, 39.0, 41.0),
+        _measured("c+", 44.0, 90.0, 43.0),
+        _measured("d", 46.0),
+    ]
+
+    assert oauth_cost(rows) == [
+        "OAuth (d) over c: +15.0% CPU/req (a request without the header)",
+        "OAuth (d) over c+: +4.5% CPU/req (the same request, its header not checked)",
+    ]
+
+
+def test_oauth_cost_says_nothing_without_row_d() -> None:
+    assert oauth_cost([_measured("c", 40.0), _measured("c+", 44.0)]) == []

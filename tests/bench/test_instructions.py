@@ -72,9 +72,10 @@ def test_per_request_cancels_fixed_and_idle_work() -> None:
     assert per_request(first, second, idle_per_s=0) == 300_000 + 350_000 * 25 / 2000
 
 
-def row(key: str, label: str, tokens: Path | None = None) -> Row:
+def row(key: str, label: str, tokens: Path | None = None, ours: bool = False) -> Row:
     header, prefix = ("Authorization", "Bearer ") if tokens else ("", "")
-    return Row(key, label, f"http://127.0.0.1:1/{key}", list, header, tokens, prefix)
+    url = f"http://127.0.0.1:1/{key}"
+    return Row(key, label, url, list, header, tokens, prefix, ours=ours)
 
 
 def test_format_table_compares_every_row_with_the_first() -> None:
@@ -86,15 +87,17 @@ def test_format_table_compares_every_row_with_the_first() -> None:
     assert format_table(figures) + "\n" == TABLE
 
 
-def test_pick_rows_adds_none_carrying_an_unchecked_token(tmp_path: Path) -> None:
+def test_pick_rows_takes_ours_and_sizes_what_c_plus_carries(tmp_path: Path) -> None:
     tokens = tmp_path / "tokens"
     tokens.write_text("a.b.c\n")
     rows = [
+        row("a", "nginx"),
         row("b", "HAProxy"),
-        row("c", "ours, auth none"),
-        row("d", "ours, OAuth", tokens),
-        row("e", "ours, OAuth new"),
-        row("f", "ours, API key"),
+        row("c", "ours, auth none", ours=True),
+        row("c+", "ours, none + d's header, unchecked", tokens, ours=True),
+        row("d", "ours, OAuth", tokens, ours=True),
+        row("e", "ours, OAuth new", ours=True),
+        row("f", "ours, API key", ours=True),
     ]
 
     picked = pick_rows(rows)
@@ -106,7 +109,7 @@ def test_pick_rows_adds_none_carrying_an_unchecked_token(tmp_path: Path) -> None
         ("e", "OAuth new"),
         ("f", "API key"),
     ]
-    assert picked[1].url == rows[1].url
+    assert picked[1].url == rows[3].url
     assert picked[1].header_values(0) == ["Bearer a.b.c"]
 
 
