@@ -570,10 +570,13 @@ class OAuthAuthenticator(Authenticator):
         self._header = settings.header_name
         self._prefix = settings.auth_header_prefix.strip().lower()
         # The prefix as callers send it, with its space ("Bearer "); with no
-        # prefix, a value that starts with anything.
-        self._sent_prefix = (
-            settings.auth_header_prefix.strip() + " " if self._prefix else ""
-        )
+        # prefix, a value that starts with anything. None: not read inline.
+        # Only an ASCII prefix is (the control plane accepts no other): the
+        # general rule compares lower case, where "İ" has two characters, so
+        # "İD x" would be read inline but not by the rule, which the inline
+        # reading must never contradict.
+        sent = settings.auth_header_prefix.strip()
+        self._sent_prefix = (sent + " " if sent else "") if sent.isascii() else None
         strip = set(IDENTITY_HEADERS)
         if not settings.forward_token:
             strip.add(settings.header_name.lower())
@@ -599,7 +602,12 @@ class OAuthAuthenticator(Authenticator):
             # whitespace around the token, without the general path's copies.
             value = values[0]
             sent = self._sent_prefix
-            if value and value.startswith(sent) and value[-1] not in " \t":
+            if (
+                sent is not None
+                and value
+                and value.startswith(sent)
+                and value[-1] not in " \t"
+            ):
                 token = value[len(sent) :]
                 if not token or token[0] in " \t":
                     token = None

@@ -635,6 +635,81 @@ async def test_cache_hit_without_audience_refused_where_one_is_required(
     assert failure.headers == {"WWW-Authenticate": challenge("token has no audience")}
 
 
+async def test_cache_hit_not_shared_with_another_idp_of_the_same_issuer(
+    idps: IdentityProviders,
+) -> None:
+    # One cache serves every deployment: a token verified for idp-a is not
+    # verified for a deployment that trusts idp-twin, which has that issuer
+    # but other keys.
+    twin = IdentityProviderPolicy(
+        name="idp-twin", issuer=ISSUER, jwks={"keys": [jwk(OTHER, "k1")]}
+    )
+    idps.apply("idp-twin", twin)
+    token = "Bearer " + sign(RSA)
+    await OAuthAuthenticator(oauth(), idps).authenticate(headers(token))
+    assert len(idps.cache) == 1
+
+    failure = await refused(
+        OAuthAuthenticator(oauth(identity_providers=["idp-twin"]), idps), token
+    )
+    assert failure.headers == {"WWW-Authenticate": challenge("invalid signature")}
+    assert len(idps.cache) == 0
+
+
+_T = float(int(time.time()))
+
+
+# A verified token's window on a hit is its latest nbf or iat less the skew
+# (30 s): a clock stepped back before it refuses the token as a miss would.
+@pytest.mark.parametrize(
+    ("nbf", "iat", "description"),
+    [
+        (_T + 20, ..., "token not yet valid"),
+        (..., _T + 20, "token issued in the future"),
+        (_T + 5, _T + 20, "token issued in the future"),
+        (_T + 20, _T + 5, "token not yet valid"),
+    ],
+)
+async def test_cache_hit_rechecks_not_before_when_the_clock_steps_back(
+    idps: IdentityProviders,
+    monkeypatch: pytest.MonkeyPatch,
+    nbf: object,
+    iat: object,
+    description: str,
+) -> None:
+    clock = [_T]
+    monkeypatch.setattr("gateway.oauth.time.time", lambda: clock[0])
+    token = "Bearer " + sign(RSA, payload=claims(nbf=nbf, iat=iat, exp=_T + 600))
+    auth = OAuthAuthenticator(oauth(), idps)
+    await auth.authenticate(headers(token))
+    assert len(idps.cache) == 1
+
+    clock[0] = _T - 9.5  # within the skew of both: still a hit
+    assert (await auth.authenticate(headers(token))).headers[0][0] == "X-Auth-Subject"
+    clock[0] = _T - 15
+    failure = await refused(auth, token)
+    assert failure.headers == {"WWW-Authenticate": challenge(description)}
+    assert len(idps.cache) == 1
+
+
+@pytest.mark.parametrize("sub", ["client-1", ...])
+async def test_cache_identity_of_an_issuer_unfit_for_a_header_line_has_no_lines(
+    idps: IdentityProviders, sub: object
+) -> None:
+    # The proxy refuses an identity without lines rather than forge headers.
+    issuer = "https://idp.test\r\nX-Auth-Subject: admin"
+    idps.apply("idp-a", idp_a(issuer=issuer))
+    token = "Bearer " + sign(RSA, payload=claims(iss=issuer, sub=sub))
+    auth = OAuthAuthenticator(oauth(), idps)
+    for _ in range(2):  # a miss, then a hit
+        identity = await auth.authenticate(headers(token))
+        assert identity.headers[-2:] == (
+            ("X-Auth-Issuer", issuer),
+            ("X-Auth-Identity-Provider", "idp-a"),
+        )
+        assert identity.lines is None
+
+
 def test_cache_bounded_in_entries() -> None:
     from gateway.oauth import TokenCache
 
@@ -815,6 +890,27 @@ def test_authenticate_property_token_is_read_as_the_general_rule_reads_it(
         return True
 
     assert asyncio.run(run()) is expected
+
+
+# "İ" is the one character whose lower case is longer ("i" and a combining
+# dot): a configured prefix holding it is where the inline reading and the
+# general rule could part ways.
+@pytest.mark.parametrize(
+    "value", ["İD {t}", "İD  {t}", "İD\t{t}", "i\u0307d {t}", "İd {t}", "Bearer {t}"]
+)
+async def test_authenticate_prefix_longer_in_lower_case_read_as_the_general_rule(
+    idps: IdentityProviders, value: str
+) -> None:
+    value = value.format(t=_VALID)
+    auth = OAuthAuthenticator(oauth(auth_header_prefix="İD"), idps)
+    if extract_token([value], "İD".lower()) == _VALID:
+        identity = await auth.authenticate(headers(value))
+        assert identity.headers[0] == ("X-Auth-Subject", "client-1")
+    else:
+        failure = await refused(auth, value)
+        assert (failure.status, failure.error, failure.message, failure.headers) == (
+            MISSING
+        )
 
 
 # --- diagnosis ------------------------------------------------------------------
