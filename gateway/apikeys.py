@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from multidict import MultiMapping
+from multidict import MultiMapping, istr
 
 from gateway.auth import IDENTITY_HEADERS, Authenticator, AuthFailure, Identity
 from gateway.policy import ApiKeyPolicy, ApiKeySettings, hash_api_key
@@ -63,7 +63,8 @@ class ApiKeyAuthenticator(Authenticator):
         agent: str,
         table: ApiKeyTable,
     ) -> None:
-        self.header_name = settings.header_name
+        # An istr: the lookup of every request skips lower-casing the name.
+        self.header_name = istr(settings.header_name)
         self._challenge = {"WWW-Authenticate": _CHALLENGE.format(settings.header_name)}
         self.strip = IDENTITY_HEADERS | {settings.header_name.lower()}
         self._project = project

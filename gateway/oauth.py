@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 import aiohttp
 import msgspec
-from multidict import MultiMapping
+from multidict import MultiMapping, istr
 
 from gateway.auth import IDENTITY_HEADERS, Authenticator, AuthFailure, Identity
 from gateway.jwks import (
@@ -567,7 +567,8 @@ class OAuthAuthenticator(Authenticator):
         self._settings = settings
         self._idps = idps
         self._cache = idps.cache
-        self._header = settings.header_name
+        # An istr: the lookup of every request skips lower-casing the name.
+        self._header = istr(settings.header_name)
         self._prefix = settings.auth_header_prefix.strip().lower()
         # The prefix as callers send it, with its space ("Bearer "); with no
         # prefix, a value that starts with anything. None: not read inline.
@@ -577,6 +578,7 @@ class OAuthAuthenticator(Authenticator):
         # reading must never contradict.
         sent = settings.auth_header_prefix.strip()
         self._sent_prefix = (sent + " " if sent else "") if sent.isascii() else None
+        self._token_at = len(self._sent_prefix or "")
         strip = set(IDENTITY_HEADERS)
         if not settings.forward_token:
             strip.add(settings.header_name.lower())
@@ -600,16 +602,14 @@ class OAuthAuthenticator(Authenticator):
         if len(values) == 1:
             # The usual case, "Bearer <token>" with one space and no other
             # whitespace around the token, without the general path's copies.
+            # An empty value ends in "", which is "in" any string.
             value = values[0]
             sent = self._sent_prefix
-            if (
-                sent is not None
-                and value
-                and value.startswith(sent)
-                and value[-1] not in " \t"
-            ):
-                token = value[len(sent) :]
-                if not token or token[0] in " \t":
+            if sent is not None and value.startswith(sent) and value[-1:] not in " \t":
+                # Not empty: the value is longer than the prefix, which ends
+                # in a space that the value does not end in.
+                token = value[self._token_at :]
+                if token[0] in " \t":
                     token = None
         if token is None:
             token = self._token(values)
