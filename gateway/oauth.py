@@ -286,14 +286,6 @@ class Verified:
         self.valid_from = -math.inf if start is None else start - skew
         self.identity = state.identity(claims.sub)
 
-    def still_trusted(self, state: IdpState | None) -> bool:
-        """Same identity provider policy, and the key is still published."""
-        return state is self.state and self.key in state.keyring.keys.keys
-
-    def audience_in(self, audiences: frozenset[str]) -> bool:
-        """Whether the token names at least one of ``audiences``."""
-        return not audiences.isdisjoint(self.claims.aud or ())
-
 
 class TokenCache:
     """Verified tokens of one worker, bounded in entries and in bytes.
