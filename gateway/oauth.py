@@ -296,6 +296,13 @@ class TokenCache:
     The oldest entry leaves first. An OrderedDict, because taking the first
     key of a plain dict that keeps losing its first keys scans the holes
     they leave: with 10,000 entries that made each new token cost 6 µs more.
+
+    :meth:`admit` keeps a token only the second time it is verified: one
+    sent once never gains from an entry, and storing it would push out one
+    that is reused, and cost CPU of its own (an entry's objects live long
+    and are freed cold). A token reused for its lifetime pays one more
+    verification. Tokens seen once are remembered by their hash alone, at
+    most ``max_entries`` of them before that memory starts over.
     """
 
     #: Bytes an entry holds besides its token's characters: its Verified,
@@ -308,11 +315,25 @@ class TokenCache:
         self.max_bytes = max_bytes
         self._entries: OrderedDict[str, Verified] = OrderedDict()
         self._bytes = 0
+        self._seen: set[int] = set()
         # The lookup of every request, without a method call of our own.
         self.get: Callable[[str], Verified | None] = self._entries.get
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    def admit(self, token: str, verified: Verified) -> None:
+        """Keep a token verified for the second time; remember a first one."""
+        # A false match of two hashes only keeps a token one sight early.
+        seen = self._seen
+        mark = hash(token)
+        if mark not in seen:
+            if len(seen) >= self.max_entries:
+                seen.clear()
+            seen.add(mark)
+            return
+        seen.discard(mark)
+        self.put(token, verified)
 
     def put(self, token: str, verified: Verified) -> None:
         if token in self._entries:
@@ -632,7 +653,7 @@ class OAuthAuthenticator(Authenticator):
             verified = verify_with_keys_at_hand(token, routes, now)
             if verified is None:
                 return self._verify(token, routes, now)
-            self._cache.put(token, verified)
+            self._cache.admit(token, verified)
         except TokenError as exc:
             raise _invalid(exc) from None
         _ALLOWED.count += 1
@@ -647,7 +668,7 @@ class OAuthAuthenticator(Authenticator):
             raise _invalid(exc) from None
         except KeysUnavailable:
             raise _unavailable() from None
-        self._cache.put(token, verified)
+        self._cache.admit(token, verified)
         _ALLOWED.count += 1
         return verified.identity
 

@@ -336,7 +336,8 @@ async def test_keyring_background_refresh_picks_up_new_keys(
     idps = make_idps(cooldown_s=0.01)
     idps.apply("remote", idp_policy(jwks_server, jwks_refresh_s=0.02))
     old = token_for(jwks_server)
-    assert await authenticate(idps, old) == (200, "remote")
+    for _ in range(2):  # kept in the cache on its second verification
+        assert await authenticate(idps, old) == (200, "remote")
     assert len(idps.cache) == 1
     jwks_server.keys = [jwk(EC_B, "b")]
     seen = jwks_server.fetches

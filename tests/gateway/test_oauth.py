@@ -97,6 +97,15 @@ def challenge(description: str) -> str:
     return f'{REALM}, error="invalid_token", error_description="{description}"'
 
 
+async def cached(auth: OAuthAuthenticator, idps: IdentityProviders, token: str) -> None:
+    """Authenticate ``token`` until the cache keeps it: its second verification."""
+    before = len(idps.cache)
+    await auth.authenticate(headers(token))
+    assert len(idps.cache) == before
+    await auth.authenticate(headers(token))
+    assert len(idps.cache) == before + 1
+
+
 # --- success ------------------------------------------------------------------
 
 
@@ -556,8 +565,7 @@ async def test_cache_reuses_verdict_and_rechecks_audience(
     idps: IdentityProviders,
 ) -> None:
     token = "Bearer " + sign(RSA)
-    await OAuthAuthenticator(oauth(), idps).authenticate(headers(token))
-    assert len(idps.cache) == 1
+    await cached(OAuthAuthenticator(oauth(), idps), idps, token)
     await OAuthAuthenticator(oauth(), idps).authenticate(headers(token))
     assert len(idps.cache) == 1
     failure = await refused(OAuthAuthenticator(oauth(audiences=["chat"]), idps), token)
@@ -569,7 +577,7 @@ async def test_cache_reuses_verdict_and_rechecks_audience(
 async def test_cache_voided_when_key_removed(idps: IdentityProviders) -> None:
     token = "Bearer " + sign(RSA)
     auth = OAuthAuthenticator(oauth(), idps)
-    await auth.authenticate(headers(token))
+    await cached(auth, idps, token)
     idps.apply("idp-a", idp_a(jwks={"keys": [jwk(EC, "k2")]}))
     failure = await refused(auth, token)
     assert failure.headers == {
@@ -580,7 +588,7 @@ async def test_cache_voided_when_key_removed(idps: IdentityProviders) -> None:
 async def test_cache_voided_when_idp_policy_changes(idps: IdentityProviders) -> None:
     token = "Bearer " + sign(RSA)
     auth = OAuthAuthenticator(oauth(), idps)
-    await auth.authenticate(headers(token))
+    await cached(auth, idps, token)
     idps.apply("idp-a", idp_a(algorithms=["ES256"]))
     failure = await refused(auth, token)
     assert failure.headers == {
@@ -591,7 +599,7 @@ async def test_cache_voided_when_idp_policy_changes(idps: IdentityProviders) -> 
 async def test_cache_voided_when_idp_removed(idps: IdentityProviders) -> None:
     token = "Bearer " + sign(RSA)
     auth = OAuthAuthenticator(oauth(), idps)
-    await auth.authenticate(headers(token))
+    await cached(auth, idps, token)
     idps.apply("idp-a", None)
     failure = await refused(auth, token)
     assert failure.headers == {
@@ -603,7 +611,7 @@ async def test_cache_rechecks_expiry(idps: IdentityProviders) -> None:
     idps.apply("idp-a", idp_a(clock_skew_s=0))
     token = "Bearer " + sign(RSA, payload=claims(exp=time.time() + 0.3))
     auth = OAuthAuthenticator(oauth(), idps)
-    await auth.authenticate(headers(token))
+    await cached(auth, idps, token)
     await asyncio.sleep(0.4)
     failure = await refused(auth, token)
     assert failure.headers == {"WWW-Authenticate": challenge("token expired")}
@@ -613,7 +621,7 @@ async def test_cache_keeps_the_skew_of_expiry(idps: IdentityProviders) -> None:
     idps.apply("idp-a", idp_a(clock_skew_s=0.4))
     token = "Bearer " + sign(RSA, payload=claims(exp=time.time() + 0.2))
     auth = OAuthAuthenticator(oauth(), idps)
-    await auth.authenticate(headers(token))
+    await cached(auth, idps, token)
 
     await asyncio.sleep(0.3)  # expired, but within the skew
     assert (await auth.authenticate(headers(token))).headers[0][0] == "X-Auth-Subject"
@@ -627,8 +635,7 @@ async def test_cache_hit_without_audience_refused_where_one_is_required(
 ) -> None:
     idps.apply("idp-a", idp_a(audiences=[]))
     token = "Bearer " + sign(RSA, payload=claims(aud=...))
-    await OAuthAuthenticator(oauth(), idps).authenticate(headers(token))
-    assert len(idps.cache) == 1
+    await cached(OAuthAuthenticator(oauth(), idps), idps, token)
 
     strict = OAuthAuthenticator(oauth(audiences=["chat"]), idps)
     failure = await refused(strict, token)
@@ -646,8 +653,7 @@ async def test_cache_hit_not_shared_with_another_idp_of_the_same_issuer(
     )
     idps.apply("idp-twin", twin)
     token = "Bearer " + sign(RSA)
-    await OAuthAuthenticator(oauth(), idps).authenticate(headers(token))
-    assert len(idps.cache) == 1
+    await cached(OAuthAuthenticator(oauth(), idps), idps, token)
 
     failure = await refused(
         OAuthAuthenticator(oauth(identity_providers=["idp-twin"]), idps), token
@@ -681,8 +687,7 @@ async def test_cache_hit_rechecks_not_before_when_the_clock_steps_back(
     monkeypatch.setattr("gateway.oauth.time.time", lambda: clock[0])
     token = "Bearer " + sign(RSA, payload=claims(nbf=nbf, iat=iat, exp=_T + 600))
     auth = OAuthAuthenticator(oauth(), idps)
-    await auth.authenticate(headers(token))
-    assert len(idps.cache) == 1
+    await cached(auth, idps, token)
 
     clock[0] = _T - 9.5  # within the skew of both: still a hit
     assert (await auth.authenticate(headers(token))).headers[0][0] == "X-Auth-Subject"
@@ -701,13 +706,58 @@ async def test_cache_identity_of_an_issuer_unfit_for_a_header_line_has_no_lines(
     idps.apply("idp-a", idp_a(issuer=issuer))
     token = "Bearer " + sign(RSA, payload=claims(iss=issuer, sub=sub))
     auth = OAuthAuthenticator(oauth(), idps)
-    for _ in range(2):  # a miss, then a hit
+    for _ in range(3):  # a miss, a miss that is kept, then a hit
         identity = await auth.authenticate(headers(token))
         assert identity.headers[-2:] == (
             ("X-Auth-Issuer", issuer),
             ("X-Auth-Identity-Provider", "idp-a"),
         )
         assert identity.lines is None
+
+
+async def test_cache_keeps_a_token_on_its_second_verification(
+    idps: IdentityProviders, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A token sent once is never stored: it would push out one in use.
+    calls = []
+    real = verify_signature
+
+    def counting(*args: Any) -> bool:
+        calls.append(args[0])
+        return real(*args)
+
+    monkeypatch.setattr("gateway.oauth.verify_signature", counting)
+    token = "Bearer " + sign(RSA)
+    auth = OAuthAuthenticator(oauth(), idps)
+    for _ in range(4):
+        await auth.authenticate(headers(token))
+    assert calls == ["RS256", "RS256"]
+    assert len(idps.cache) == 1
+
+
+async def test_cache_never_keeps_tokens_sent_once(idps: IdentityProviders) -> None:
+    auth = OAuthAuthenticator(oauth(), idps)
+    for i in range(5):
+        token = "Bearer " + sign(RSA, payload=claims(sub=f"client-{i}"))
+        identity = await auth.authenticate(headers(token))
+        assert identity.headers[0] == ("X-Auth-Subject", f"client-{i}")
+    assert len(idps.cache) == 0
+
+
+def test_cache_remembers_at_most_max_entries_tokens_seen_once() -> None:
+    from gateway.oauth import TokenCache
+
+    cache = TokenCache(max_entries=3)
+    verified = object()
+    for i in range(3):
+        cache.admit(f"t{i}", verified)  # type: ignore[arg-type]
+    assert len(cache) == 0 and len(cache._seen) == 3
+    cache.admit("t3", verified)  # type: ignore[arg-type]  # memory starts over
+    assert cache._seen == {hash("t3")}
+    cache.admit("t0", verified)  # type: ignore[arg-type]  # forgotten: seen once
+    cache.admit("t3", verified)  # type: ignore[arg-type]
+    assert len(cache) == 1 and cache.get("t3") is verified
+    assert cache.get("t0") is None
 
 
 def test_cache_bounded_in_entries() -> None:
