@@ -13,6 +13,7 @@ import msgspec
 from msgspec.structs import FieldInfo
 
 from gateway import flags
+from gateway.traffic import MAX_HEADER_COUNT
 
 __all__ = ["GatewaySettings", "main", "parse_settings"]
 
@@ -28,6 +29,7 @@ class GatewaySettings(msgspec.Struct, frozen=True, kw_only=True):
     admin_port: int = 9901
     workers: int = 1
     max_header_size: int = 16384
+    max_header_count: int = MAX_HEADER_COUNT
     header_timeout_s: float = 30.0
     drain_grace_s: float = 30.0
     log_level: str = "INFO"
@@ -37,6 +39,9 @@ class GatewaySettings(msgspec.Struct, frozen=True, kw_only=True):
 
 #: The range of --max-header-size: a JWT must fit, and so must the parser's limits.
 MAX_HEADER_SIZES = (1024, 1024 * 1024)
+
+#: The range of --max-header-count: Host and a credential must fit.
+MAX_HEADER_COUNTS = (8, 10_000)
 
 _DEFAULTS: dict[str, object] = {"store": "./.agw-data"}
 
@@ -49,6 +54,7 @@ _TYPES: dict[str, Callable[[str], object]] = {
     "admin_port": flags.port,
     "workers": flags.count(1),
     "max_header_size": flags.count(*MAX_HEADER_SIZES),
+    "max_header_count": flags.count(*MAX_HEADER_COUNTS),
     "header_timeout_s": flags.positive_seconds,
     "drain_grace_s": flags.seconds,
     "log_level": flags.log_level,
@@ -65,6 +71,7 @@ _HELP = {
     "admin_port": "management port: /healthz, /readyz, /metrics",
     "workers": "number of worker processes",
     "max_header_size": "longest accepted request header line, in bytes",
+    "max_header_count": "most header lines a request head may hold",
     "header_timeout_s": "seconds a caller may take to send a request head",
     "drain_grace_s": "seconds in-flight requests may finish after SIGTERM",
     "log_level": "DEBUG, INFO, WARNING or ERROR",

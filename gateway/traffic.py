@@ -32,6 +32,7 @@ from gateway.log import access_log, gateway_log
 from gateway.upstream import NO_BODY_STATUS
 
 __all__ = [
+    "MAX_HEADER_COUNT",
     "Handler",
     "RequestBody",
     "TrafficRequest",
@@ -40,6 +41,9 @@ __all__ = [
 ]
 
 Handler = Callable[["TrafficRequest"], Awaitable[None]]
+
+#: Request header lines a head may hold by default.
+MAX_HEADER_COUNT = 100
 
 #: How long a kept-alive connection may stay silent between requests.
 KEEPALIVE_S = 75.0
@@ -115,6 +119,11 @@ _HEAD_TOO_LARGE = (
     431,
     "header_too_large",
     "The request headers are larger than the gateway accepts",
+)
+_TOO_MANY_HEADERS = (
+    431,
+    "header_too_large",
+    "The request has more header lines than the gateway accepts",
 )
 
 
@@ -369,6 +378,7 @@ class _Connection(asyncio.Protocol):
         self._parser = httptools.HttpRequestParser(self)
         self._line_limit = server.line_limit
         self._head_limit = server.head_limit
+        self._count_limit = server.count_limit
 
         # The head being parsed.
         self._url = b""
@@ -494,6 +504,10 @@ class _Connection(asyncio.Protocol):
         self._head_size += size
         if self._head_size > self._head_limit:
             raise _Refusal(*_HEAD_TOO_LARGE)
+        if len(self._headers) >= self._count_limit:
+            # Each line costs work however short it is: 128 KiB of "a: b"
+            # lines would cost a thousand requests' CPU.
+            raise _Refusal(*_TOO_MANY_HEADERS)
         # Optional whitespace around a value is not part of it (RFC 9110 5.5).
         # Decoded as _text does, without its call: this runs for every line.
         value = value.strip(b" \t")
@@ -844,7 +858,8 @@ class TrafficServer:
 
     ``max_header_size`` bounds each header line, counted as name, ": " and
     value (431 beyond), and the request target (414 beyond); a head as a
-    whole may hold four such lines and 64 KiB more. A head must be complete
+    whole may hold four such lines and 64 KiB more, in at most
+    ``max_header_count`` header lines (431 beyond). A head must be complete
     within ``header_timeout_s`` seconds of its first byte, or the connection
     is closed.
     """
@@ -855,6 +870,7 @@ class TrafficServer:
         *,
         max_header_size: int,
         header_timeout_s: float,
+        max_header_count: int = MAX_HEADER_COUNT,
         access_log_enabled: bool = False,
         keepalive_s: float = KEEPALIVE_S,
         send_timeout_s: float = SEND_TIMEOUT_S,
@@ -862,6 +878,7 @@ class TrafficServer:
         self.handler = handler
         self.line_limit = max_header_size
         self.head_limit = 4 * max_header_size + 64 * 1024
+        self.count_limit = max_header_count
         self.header_timeout_s = header_timeout_s
         self.keepalive_s = keepalive_s
         self.send_timeout_s = send_timeout_s

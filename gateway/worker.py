@@ -42,6 +42,7 @@ def _traffic_server(settings: GatewaySettings, proxy: Proxy) -> TrafficServer:
     return TrafficServer(
         proxy.handle,
         max_header_size=settings.max_header_size,
+        max_header_count=settings.max_header_count,
         header_timeout_s=settings.header_timeout_s,
         access_log_enabled=settings.access_log,
     )

@@ -35,6 +35,7 @@ def test_cli_environment_variables_alone_suffice() -> None:
             "AGW_STORE": "redis://127.0.0.1:6379/0",
             "AGW_ENVIRONMENT": "prod",
             "AGW_MAX_HEADER_SIZE": "32768",
+            "AGW_MAX_HEADER_COUNT": "250",
             "AGW_DRAIN_GRACE_S": "2.5",
             "AGW_LOG_LEVEL": "debug",
         },
@@ -42,6 +43,7 @@ def test_cli_environment_variables_alone_suffice() -> None:
     assert settings.store == "redis://127.0.0.1:6379/0"
     assert settings.environment == "prod"
     assert settings.max_header_size == 32768
+    assert settings.max_header_count == 250
     assert settings.drain_grace_s == 2.5
     assert settings.log_level == "DEBUG"
 
@@ -93,6 +95,16 @@ def test_cli_accepts_every_port(argv: list[str], port: int, admin_port: int) -> 
             {},
             "argument --max-header-size: not a whole number from 1024 to 1048576: "
             "'4294967296'",
+        ),
+        (
+            ["--max-header-count", "7"],
+            {},
+            "argument --max-header-count: not a whole number from 8 to 10000: '7'",
+        ),
+        (
+            [],
+            {"AGW_MAX_HEADER_COUNT": "10001"},
+            "AGW_MAX_HEADER_COUNT: not a whole number from 8 to 10000: '10001'",
         ),
         (
             ["--drain-grace-s", "-1"],

@@ -502,6 +502,37 @@ def _body(answer: bytes) -> bytes:
     return answer.partition(b"\r\n\r\n")[2]
 
 
+@pytest.mark.parametrize(("count", "status"), [(20, b"200 OK"), (21, b"431")])
+async def test_proxy_header_line_count_is_the_configured_one(
+    gateway_factory: GatewayFactory,
+    redis_url: str,
+    redis_store: Store,
+    environment: str,
+    raw_agent: _RawAgent,
+    count: int,
+    status: bytes,
+) -> None:
+    await commit_agent(redis_store, environment, "p", "raw", await raw_agent.start())
+    gateway = await gateway_factory(
+        store=redis_url,
+        environment=environment,
+        extra_env={"AGW_MAX_HEADER_COUNT": "20"},
+    )
+    lines = b"".join(b"X-%d: v\r\n" % i for i in range(count - 2))
+    request = b"GET /p/raw/x HTTP/1.1\r\nHost: gw\r\n%bConnection: close\r\n\r\n"
+
+    answer = await _exchange(gateway.port, request % lines)
+
+    assert _status(answer).startswith(status)
+    if count > 20:
+        assert _body(answer) == (
+            b'{"error":"header_too_large",'
+            b'"message":"The request has more header lines than the gateway accepts"}'
+        )
+    ok = await _exchange(gateway.port, request % b"")
+    assert _status(ok) == b"200 OK"
+
+
 def _line(length: int, shape: str) -> bytes:
     """A header line of ``length`` bytes, name, ": " and value."""
     if shape == "long-name":

@@ -309,6 +309,44 @@ async def test_traffic_header_line_limit_is_exact(
     assert b"vvvv" not in answer.partition(b"\r\n\r\n")[2]
 
 
+@pytest.mark.parametrize(("count", "status"), [(100, b"200"), (101, b"431")])
+async def test_traffic_header_line_count_is_bounded_exactly(
+    served: Server, recorder: Recorder, count: int, status: bytes
+) -> None:
+    # Host and Connection count as lines too.
+    lines = b"".join(b"X-%d: v\r\n" % i for i in range(count - 2))
+    request = b"GET /x HTTP/1.1\r\nHost: a\r\n%bConnection: close\r\n\r\n" % lines
+
+    answer = await exchange_raw(served.port, request)
+
+    assert _statuses(answer) == [status]
+    if status == b"431":
+        assert recorder.seen == []
+        assert answer.endswith(
+            b'{"error":"header_too_large","message":'
+            b'"The request has more header lines than the gateway accepts"}'
+        )
+    else:
+        assert len(recorder.seen[0]["headers"]) == 100  # type: ignore[arg-type]
+
+
+async def test_traffic_header_line_count_is_configurable(recorder: Recorder) -> None:
+    server, port = await _start(recorder, max_header_count=8)
+    try:
+        lines = b"".join(b"X-%d: v\r\n" % i for i in range(8))
+        answer = await exchange_raw(
+            port, b"GET /x HTTP/1.1\r\nHost: a\r\n%b\r\n" % lines
+        )
+        assert _statuses(answer) == [b"431"]
+        # The refusal closed that connection alone: the server goes on.
+        answer = await exchange_raw(
+            port, b"GET /x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+        )
+        assert _statuses(answer) == [b"200"]
+    finally:
+        await server.close()
+
+
 async def test_traffic_head_as_a_whole_is_bounded(served: Server) -> None:
     # Each line is within the limit; together they pass 4 lines and 64 KiB.
     lines = b"".join(b"X-%d: %b\r\n" % (i, b"v" * 1000) for i in range(80))
