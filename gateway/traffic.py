@@ -276,7 +276,13 @@ class TrafficRequest:
             parts.append(conn.server.date_line)
 
         bodiless = self.method == "HEAD" or status in NO_BODY_STATUS
-        close = not self.keep_alive or conn.closing
+        # An answer that leaves the body unread closes the connection once
+        # sent (see _linger), and says so: a caller that took the connection
+        # for reusable would lose its next request in what is dropped.
+        body = self.body
+        close = (
+            not self.keep_alive or conn.closing or (body is not None and not body.done)
+        )
         if not (bodiless or length_known):
             if self.version == "1.1":
                 self._chunked = True
@@ -339,10 +345,6 @@ class TrafficRequest:
         headers: dict[str, str] | None = None,
     ) -> None:
         """The gateway's own answer: ``{"error", "message"}`` as JSON."""
-        if self.body is not None and not self.body.done:
-            # The rest of the body is never read: it is dropped and the
-            # connection closed (see _linger), which the caller is told.
-            self.keep_alive = False
         body = _json.encode({"error": error, "message": message})
         lines = b"Content-Type: application/json\r\nContent-Length: %d\r\n" % len(body)
         if headers:

@@ -686,6 +686,27 @@ async def test_proxy_gzip_request_body_goes_upstream_byte_for_byte(
     assert b"/admin" not in raw_agent.received
 
 
+async def test_proxy_agent_answer_before_the_body_ends_says_the_connection_closes(
+    raw_gateway: GatewayProcess, raw_agent: _RawAgent, http: aiohttp.ClientSession
+) -> None:
+    # The agent answers on the head alone. A keep-alive caller told nothing
+    # would send its next request on a connection about to close.
+    reader, writer = await asyncio.open_connection("127.0.0.1", raw_gateway.port)
+    writer.write(b"POST /p/raw/x HTTP/1.1\r\nHost: gw\r\nContent-Length: 10\r\n\r\n")
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    writer.write(b"0123456789")
+    rest = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert head.endswith(b"\r\nConnection: close\r\n\r\n")
+    assert rest == b"ok"
+    # The next request, on a new connection as the caller was told.
+    async with http.post(f"{raw_gateway.url}/p/raw/x", data=b"again") as response:
+        assert response.status == 200
+        assert await response.read() == b"ok"
+
+
 async def test_proxy_invalid_gzip_request_body_is_passed_on_not_hung(
     raw_gateway: GatewayProcess,
     raw_agent: _RawAgent,

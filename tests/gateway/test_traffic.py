@@ -40,6 +40,19 @@ class Recorder:
             self._record(request, None)
             request.send_error(401, "unauthorized", "no", {"WWW-Authenticate": "x"})
             return
+        if path.startswith("/early"):
+            # Answers as a relayed agent may: at once, the body still coming.
+            self._record(request, None)
+            request.send_head(
+                200,
+                b"OK",
+                b"Content-Length: 2\r\n",
+                length_known=True,
+                has_date=True,
+                data=b"ok",
+                last=True,
+            )
+            return
         if path.startswith("/continue"):
             request.send_continue()
         if request.body is not None:
@@ -468,6 +481,39 @@ async def test_traffic_answer_before_the_body_ends_drops_the_rest_then_closes(
     assert head.endswith(b"\r\nConnection: close\r\n\r\n")
     assert rest == b'{"error":"unauthorized","message":"no"}'
     assert [seen["target"] for seen in recorder.seen] == ["/reject"]
+
+
+@pytest.mark.parametrize(
+    "framing", [b"Content-Length: 100000", b"Transfer-Encoding: chunked"]
+)
+async def test_traffic_any_answer_before_the_body_ends_says_the_connection_closes(
+    served: Server, recorder: Recorder, framing: bytes
+) -> None:
+    # Not only the gateway's own answers: an agent's, relayed, too. Else the
+    # caller reuses the connection, and its next request is lost.
+    reader, writer = await asyncio.open_connection("127.0.0.1", served.port)
+    writer.write(b"POST /early HTTP/1.1\r\nHost: a\r\n%b\r\n\r\n" % framing)
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    writer.write(b"5\r\nhello\r\n" if b"chunked" in framing else b"x" * 1000)
+    rest = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+
+    assert head.startswith(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n")
+    assert head.endswith(b"\r\nConnection: close\r\n\r\n")
+    assert rest == b"ok"
+    assert [seen["target"] for seen in recorder.seen] == ["/early"]
+
+
+async def test_traffic_answer_after_the_whole_body_keeps_the_connection(
+    served: Server, recorder: Recorder
+) -> None:
+    request = b"POST /early HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabc"
+
+    answer = await exchange_raw(served.port, request + request, wait_s=0.5)
+
+    assert _statuses(answer) == [b"200", b"200"]
+    assert b"Connection: close" not in answer
+    assert answer.endswith(b"ok<OPEN>")
 
 
 async def test_traffic_streamed_answer_is_chunked_for_http11_and_closed_for_http10(
