@@ -13,7 +13,7 @@ import msgspec
 from msgspec.structs import FieldInfo
 
 from gateway import flags
-from gateway.traffic import MAX_HEADER_COUNT
+from gateway.traffic import KEEPALIVE_S, MAX_HEADER_COUNT, SEND_TIMEOUT_S
 
 __all__ = ["GatewaySettings", "main", "parse_settings"]
 
@@ -31,6 +31,8 @@ class GatewaySettings(msgspec.Struct, frozen=True, kw_only=True):
     max_header_size: int = 16384
     max_header_count: int = MAX_HEADER_COUNT
     header_timeout_s: float = 30.0
+    keepalive_s: float = KEEPALIVE_S
+    send_timeout_s: float = SEND_TIMEOUT_S
     drain_grace_s: float = 30.0
     log_level: str = "INFO"
     access_log: bool = False
@@ -56,6 +58,8 @@ _TYPES: dict[str, Callable[[str], object]] = {
     "max_header_size": flags.count(*MAX_HEADER_SIZES),
     "max_header_count": flags.count(*MAX_HEADER_COUNTS),
     "header_timeout_s": flags.positive_seconds,
+    "keepalive_s": flags.positive_seconds,
+    "send_timeout_s": flags.positive_seconds,
     "drain_grace_s": flags.seconds,
     "log_level": flags.log_level,
     "access_log": flags.boolean,
@@ -73,6 +77,8 @@ _HELP = {
     "max_header_size": "longest accepted request header line, in bytes",
     "max_header_count": "most header lines a request head may hold",
     "header_timeout_s": "seconds a caller may take to send a request head",
+    "keepalive_s": "seconds an idle keep-alive connection stays open",
+    "send_timeout_s": "seconds a caller may leave the gateway's answer unread",
     "drain_grace_s": "seconds in-flight requests may finish after SIGTERM",
     "log_level": "DEBUG, INFO, WARNING or ERROR",
     "access_log": "log one line per request",

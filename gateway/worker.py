@@ -44,6 +44,8 @@ def _traffic_server(settings: GatewaySettings, proxy: Proxy) -> TrafficServer:
         max_header_size=settings.max_header_size,
         max_header_count=settings.max_header_count,
         header_timeout_s=settings.header_timeout_s,
+        keepalive_s=settings.keepalive_s,
+        send_timeout_s=settings.send_timeout_s,
         access_log_enabled=settings.access_log,
     )
 

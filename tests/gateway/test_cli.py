@@ -36,6 +36,8 @@ def test_cli_environment_variables_alone_suffice() -> None:
             "AGW_ENVIRONMENT": "prod",
             "AGW_MAX_HEADER_SIZE": "32768",
             "AGW_MAX_HEADER_COUNT": "250",
+            "AGW_KEEPALIVE_S": "5",
+            "AGW_SEND_TIMEOUT_S": "0.5",
             "AGW_DRAIN_GRACE_S": "2.5",
             "AGW_LOG_LEVEL": "debug",
         },
@@ -44,6 +46,7 @@ def test_cli_environment_variables_alone_suffice() -> None:
     assert settings.environment == "prod"
     assert settings.max_header_size == 32768
     assert settings.max_header_count == 250
+    assert (settings.keepalive_s, settings.send_timeout_s) == (5.0, 0.5)
     assert settings.drain_grace_s == 2.5
     assert settings.log_level == "DEBUG"
 
@@ -110,6 +113,16 @@ def test_cli_accepts_every_port(argv: list[str], port: int, admin_port: int) -> 
             ["--drain-grace-s", "-1"],
             {},
             "argument --drain-grace-s: not a number of seconds, 0 or more: '-1'",
+        ),
+        (
+            ["--keepalive-s", "0"],
+            {},
+            "argument --keepalive-s: not a number of seconds, more than 0: '0'",
+        ),
+        (
+            [],
+            {"AGW_SEND_TIMEOUT_S": "-1"},
+            "AGW_SEND_TIMEOUT_S: not a number of seconds, more than 0: '-1'",
         ),
         (
             ["--header-timeout-s", "0"],

@@ -7,6 +7,7 @@ import contextlib
 import gzip
 import re
 import socket
+import time
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -592,12 +593,12 @@ async def impatient_gateway(
     environment: str,
     upstream_agent: AgentProcess,
 ) -> GatewayProcess:
-    """A gateway with agent p/a that waits 0.3 s for a request head."""
+    """Agent p/a behind a gateway that waits 0.3 s for a head, 1 s when idle."""
     await commit_agent(redis_store, environment, "p", "a", upstream_agent.url)
     return await gateway_factory(
         store=redis_url,
         environment=environment,
-        extra_env={"AGW_HEADER_TIMEOUT_S": "0.3"},
+        extra_env={"AGW_HEADER_TIMEOUT_S": "0.3", "AGW_KEEPALIVE_S": "1"},
     )
 
 
@@ -632,6 +633,20 @@ async def _response(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
     assert length is not None
     body = await reader.readexactly(int(length[1]))
     return head.split(b" ", 2)[1], body
+
+
+async def test_proxy_idle_keepalive_connection_closes_after_the_configured_time(
+    impatient_gateway: GatewayProcess,
+) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", impatient_gateway.port)
+    writer.write(b"GET /p/a/x HTTP/1.1\r\nHost: gw\r\n\r\n")
+    assert (await _response(reader))[0] == b"200"
+    started = time.monotonic()
+
+    # Closed by the sweep after 1 s idle (it runs each second), not after 75.
+    assert await asyncio.wait_for(reader.read(), 5) == b""
+    writer.close()
+    assert 1 <= time.monotonic() - started < 4
 
 
 async def test_proxy_header_timeout_spares_idle_connections_and_slow_bodies(
