@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import os
 import signal
 from collections.abc import Callable
 from typing import Any
@@ -23,6 +24,9 @@ __all__ = ["run_worker", "serve"]
 
 #: How long handlers cut at the end of a drain get to close their connections.
 _CLOSE_S = 1.0
+
+#: How often a worker looks whether its supervisor is still there.
+_WATCH_S = 1.0
 
 
 def _identity_providers() -> Any:
@@ -71,6 +75,7 @@ async def serve(settings: GatewaySettings, on_ready: Callable[[], None]) -> None
     await proxy.start()
     sync.start()
     flusher = asyncio.create_task(_flush_metrics())
+    watcher = asyncio.create_task(_watch_supervisor(stop))
 
     if await _loaded_before_stop(loaded, stop):
         server = _traffic_server(settings, proxy)
@@ -83,6 +88,7 @@ async def serve(settings: GatewaySettings, on_ready: Callable[[], None]) -> None
         await server.close()
 
     flusher.cancel()
+    watcher.cancel()
     flush()  # the drained requests count too
     await _close(sync, proxy, idps, store)
     gateway_log.info("worker stopped")
@@ -95,6 +101,21 @@ async def _loaded_before_stop(loaded: asyncio.Event, stop: asyncio.Event) -> boo
     for task in waits:
         task.cancel()
     return not stop.is_set()
+
+
+async def _watch_supervisor(stop: asyncio.Event) -> None:
+    """Drain and stop once the supervisor is gone.
+
+    A supervisor that is killed (SIGKILL, the OOM killer) asks no worker to
+    stop: one left behind would hold the traffic port, so that a gateway
+    started again could not bind it, and would serve with no one watching.
+    """
+    supervisor = os.getppid()
+    while not stop.is_set():
+        await asyncio.sleep(_WATCH_S)
+        if os.getppid() != supervisor:
+            gateway_log.warning("supervisor (pid %d) is gone: draining", supervisor)
+            stop.set()
 
 
 async def _flush_metrics() -> None:

@@ -125,6 +125,45 @@ async def test_worker_restarted_answers_only_once_loaded(
         await store.close()
 
 
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, dead but not yet reaped, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rpartition(")")[2].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+async def test_worker_stops_when_its_supervisor_is_killed(
+    gateway_factory: GatewayFactory,
+    redis_url: str,
+    environment: str,
+    upstream_agent: AgentProcess,
+) -> None:
+    store = open_store(redis_url)
+    try:
+        await commit_agent(store, environment, "p", "a", upstream_agent.url)
+        gateway = await gateway_factory(
+            store=redis_url, environment=environment, workers=2
+        )
+        pids = await _worker_pids(store, environment, 2)
+    finally:
+        await store.close()
+
+    # SIGKILL: the supervisor asks no one to drain.
+    os.kill(gateway.pid, signal.SIGKILL)
+    gateway.process.wait()
+    for _ in range(400):
+        if not any(_alive(pid) for pid in pids):
+            break
+        await asyncio.sleep(0.025)
+    assert [pid for pid in pids if _alive(pid)] == []
+    assert "is gone: draining" in gateway.log()
+    # Nothing holds the traffic port any more.
+    with pytest.raises(OSError):
+        await asyncio.open_connection("127.0.0.1", gateway.port)
+
+
 # -- the drain --------------------------------------------------------------------
 
 
