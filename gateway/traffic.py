@@ -391,6 +391,7 @@ class _Connection(asyncio.Protocol):
         self._in_trailers = False
         self._head_bytes = 0  # bytes of reads wholly within the current head
         self._head_size = 0  # the header lines of this head so far
+        self._lines = 0  # and how many there are
         self._head_timer: asyncio.TimerHandle | None = None
 
         # Parsed requests not yet answered; the first one is being served.
@@ -490,6 +491,7 @@ class _Connection(asyncio.Protocol):
         self._headers = []
         self._head_bytes = 0
         self._head_size = 0
+        self._lines = 0
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -497,8 +499,7 @@ class _Connection(asyncio.Protocol):
             raise _Refusal(*_TARGET_TOO_LONG)
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if not self._in_head:
-            return  # trailers of a chunked body are not passed on
+        # A head, or the trailer section of a chunked body: bounded alike.
         size = len(name) + len(value) + 2
         if size > self._line_limit:
             raise _Refusal(*_LINE_TOO_LONG)
@@ -506,10 +507,13 @@ class _Connection(asyncio.Protocol):
         self._head_size += size
         if self._head_size > self._head_limit:
             raise _Refusal(*_HEAD_TOO_LARGE)
-        if len(self._headers) >= self._count_limit:
+        self._lines += 1
+        if self._lines > self._count_limit:
             # Each line costs work however short it is: 128 KiB of "a: b"
             # lines would cost a thousand requests' CPU.
             raise _Refusal(*_TOO_MANY_HEADERS)
+        if not self._in_head:
+            return  # trailers are not passed on
         # Optional whitespace around a value is not part of it (RFC 9110 5.5).
         # Decoded as _text does, without its call: this runs for every line.
         value = value.strip(b" \t")
@@ -557,6 +561,8 @@ class _Connection(asyncio.Protocol):
     def on_chunk_header(self) -> None:
         self._in_trailers = True
         self._head_bytes = 0
+        self._head_size = 0
+        self._lines = 0
 
     def on_message_complete(self) -> None:
         self._in_trailers = False
@@ -861,7 +867,8 @@ class TrafficServer:
     ``max_header_size`` bounds each header line, counted as name, ": " and
     value (431 beyond), and the request target (414 beyond); a head as a
     whole may hold four such lines and 64 KiB more, in at most
-    ``max_header_count`` header lines (431 beyond). A head must be complete
+    ``max_header_count`` header lines (431 beyond), and so may the trailer
+    section of a chunked body. A head must be complete
     within ``header_timeout_s`` seconds of its first byte, or the connection
     is closed.
     """

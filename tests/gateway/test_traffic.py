@@ -343,6 +343,50 @@ async def test_traffic_header_line_count_is_bounded_exactly(
         assert len(recorder.seen[0]["headers"]) == 100  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize(
+    ("lines", "status"),
+    [(100, b"200"), (101, b"431"), (60000, b"431")],
+    ids=["at-limit", "over-by-one", "many"],
+)
+async def test_traffic_trailer_lines_are_bounded_as_head_lines(
+    served: Server, lines: int, status: bytes
+) -> None:
+    # Trailers are parsed though never passed on: each line costs as much.
+    trailers = b"a: b\r\n" * lines
+    request = (
+        b"POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n"
+        b"Connection: close\r\n\r\n3\r\nabc\r\n0\r\n%b\r\n" % trailers
+    )
+
+    answer = await exchange_raw(served.port, request)
+
+    assert _statuses(answer) == [status]
+    if status == b"431":
+        assert answer.endswith(
+            b'{"error":"header_too_large","message":'
+            b'"The request has more header lines than the gateway accepts"}'
+        )
+
+
+async def test_traffic_trailer_section_is_bounded_in_bytes_exactly(
+    served: Server,
+) -> None:
+    # 80 lines of 1,000 bytes: within the count, past 4 lines and 64 KiB.
+    trailers = b"".join(b"X-%d: %b\r\n" % (i, b"v" * 1000) for i in range(80))
+    request = (
+        b"POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"3\r\nabc\r\n0\r\n%b\r\n" % trailers
+    )
+
+    answer = await exchange_raw(served.port, request)
+
+    assert _statuses(answer) == [b"431"]
+    assert answer.endswith(
+        b'{"error":"header_too_large",'
+        b'"message":"The request headers are larger than the gateway accepts"}'
+    )
+
+
 async def test_traffic_header_line_count_is_configurable(recorder: Recorder) -> None:
     server, port = await _start(recorder, max_header_count=8)
     try:
