@@ -77,6 +77,39 @@ class Origin:
 class _Connection(asyncio.Protocol):
     """One upstream connection and the exchange in progress on it."""
 
+    # Slots, as every request reads and writes these (see traffic._Connection).
+    __slots__ = (
+        "_drain",
+        "_write_paused",
+        "any_bytes",
+        "body_done",
+        "body_started",
+        "buffered",
+        "chunks",
+        "closed",
+        "done",
+        "error",
+        "framed",
+        "head",
+        "head_only",
+        "head_size",
+        "headers",
+        "idle_handle",
+        "keep_alive",
+        "key",
+        "loop",
+        "parser",
+        "pool",
+        "reading_paused",
+        "reason",
+        "response",
+        "reused",
+        "sender",
+        "stale_parser",
+        "transport",
+        "waiter",
+    )
+
     def __init__(self, pool: UpstreamPool, key: tuple[str, str, int]) -> None:
         self.pool = pool
         self.key = key

@@ -99,30 +99,39 @@ async def test_worker_restarted_while_store_is_down_takes_no_traffic(
         await store.close()
 
 
-async def test_worker_restarted_answers_only_once_loaded(
+@pytest.fixture
+async def two_workers(
     gateway_factory: GatewayFactory,
     redis_url: str,
     environment: str,
     upstream_agent: AgentProcess,
-) -> None:
+) -> tuple[GatewayProcess, list[int]]:
+    """A gateway of two workers serving p/a, and the workers' pids."""
     store = open_store(redis_url)
     try:
         await commit_agent(store, environment, "p", "a", upstream_agent.url)
         gateway = await gateway_factory(
             store=redis_url, environment=environment, workers=2
         )
-        killed = (await _worker_pids(store, environment, 2))[0]
-        os.kill(killed, signal.SIGKILL)
-        await _until_logged(gateway, rf"pid {killed}\) exited with")
-
-        # Until the new worker is ready, and a while after: never a 404.
-        seen: collections.Counter[int] = collections.Counter()
-        while (await _readyz(gateway))[0] != 200:
-            seen.update(await _statuses(f"{gateway.url}/p/a/x", 5))
-        seen.update(await _statuses(f"{gateway.url}/p/a/x", 40))
-        assert set(seen) == {200}
+        return gateway, await _worker_pids(store, environment, 2)
     finally:
         await store.close()
+
+
+async def test_worker_restarted_answers_only_once_loaded(
+    two_workers: tuple[GatewayProcess, list[int]],
+) -> None:
+    gateway, pids = two_workers
+    killed = pids[0]
+    os.kill(killed, signal.SIGKILL)
+    await _until_logged(gateway, rf"pid {killed}\) exited with")
+
+    # Until the new worker is ready, and a while after: never a 404.
+    seen: collections.Counter[int] = collections.Counter()
+    while (await _readyz(gateway))[0] != 200:
+        seen.update(await _statuses(f"{gateway.url}/p/a/x", 5))
+    seen.update(await _statuses(f"{gateway.url}/p/a/x", 40))
+    assert set(seen) == {200}
 
 
 def _alive(pid: int) -> bool:
@@ -135,20 +144,9 @@ def _alive(pid: int) -> bool:
 
 
 async def test_worker_stops_when_its_supervisor_is_killed(
-    gateway_factory: GatewayFactory,
-    redis_url: str,
-    environment: str,
-    upstream_agent: AgentProcess,
+    two_workers: tuple[GatewayProcess, list[int]],
 ) -> None:
-    store = open_store(redis_url)
-    try:
-        await commit_agent(store, environment, "p", "a", upstream_agent.url)
-        gateway = await gateway_factory(
-            store=redis_url, environment=environment, workers=2
-        )
-        pids = await _worker_pids(store, environment, 2)
-    finally:
-        await store.close()
+    gateway, pids = two_workers
 
     # SIGKILL: the supervisor asks no one to drain.
     os.kill(gateway.pid, signal.SIGKILL)
