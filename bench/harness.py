@@ -587,7 +587,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--distinct-per-round",
         type=int,
-        default=45_000,
+        default=60_000,
         help="distinct tokens a round of row e may use (more than it can send)",
     )
     parser.add_argument("--rows", default="abcdef", help="subset, e.g. 'abd'")
