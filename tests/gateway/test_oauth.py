@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from gateway import oauth as oauth_module
 from gateway.auth import IDENTITY_HEADERS, AuthFailure
 from gateway.oauth import IdentityProviders, OAuthAuthenticator, diagnose
 from gateway.policy import IdentityProviderPolicy, OAuthSettings
@@ -98,12 +99,19 @@ def challenge(description: str) -> str:
 
 
 async def cached(auth: OAuthAuthenticator, idps: IdentityProviders, token: str) -> None:
-    """Authenticate ``token`` until the cache keeps it: its second verification."""
+    """Authenticate ``token`` until the cache keeps it, then once from the cache.
+
+    The cache keeps a token on its second verification; the third request
+    must be a hit, so that a test voiding the entry after this has one.
+    """
     before = len(idps.cache)
     await auth.authenticate(headers(token))
     assert len(idps.cache) == before
     await auth.authenticate(headers(token))
     assert len(idps.cache) == before + 1
+    hits = oauth_module._CACHE_HIT.count
+    await auth.authenticate(headers(token))
+    assert oauth_module._CACHE_HIT.count == hits + 1
 
 
 # --- success ------------------------------------------------------------------
