@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.fixtures.ports import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 
 # A background job of a non-interactive shell starts with SIGINT ignored.
@@ -19,12 +21,6 @@ AS_BACKGROUND_JOB = (
     "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); "
     "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"
 )
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _listening(port: int) -> bool:
@@ -47,8 +43,7 @@ def test_dev_stack_stops_everything_on_a_signal_to_its_group(
     tmp_path: Path, signum: signal.Signals
 ) -> None:
     ports = {
-        name: _free_port()
-        for name in ("gateway", "management", "controlplane", "agent")
+        name: free_port() for name in ("gateway", "management", "controlplane", "agent")
     }
     flags = [f for name, port in ports.items() for f in (f"--{name}-port", str(port))]
     command = [sys.executable, "-c", AS_BACKGROUND_JOB, "deploy/dev_stack.py"]

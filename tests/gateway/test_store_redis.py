@@ -9,7 +9,8 @@ import redis
 
 from gateway.store import Snapshot, StoreUnavailable, WorkerInfo
 from gateway.store.redis import RedisStore, split_prefix
-from tests.fixtures.stores import RedisServer, _free_port
+from tests.fixtures.ports import free_port
+from tests.fixtures.stores import RedisServer
 from tests.gateway.test_store import PATIENCE_S, take
 
 
@@ -128,7 +129,7 @@ async def test_redis_store_follow_unavailable_when_server_stops(
 
 
 async def test_redis_store_unavailable_when_nothing_listens() -> None:
-    store = RedisStore(f"redis://127.0.0.1:{_free_port()}/0?prefix=agwtest")
+    store = RedisStore(f"redis://127.0.0.1:{free_port()}/0?prefix=agwtest")
     try:
         with pytest.raises(StoreUnavailable):
             await store.revision("dev")
