@@ -33,6 +33,11 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 _NAME = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 
+# Numbers as an operator writes them: int() and float() also take "1_000",
+# "+5", "1e3" and digits of other scripts, which no one means in a setting.
+_WHOLE = re.compile(r"[0-9]+")
+_DECIMAL = re.compile(r"-?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)")
+
 
 def _invalid(what: str, value: str) -> argparse.ArgumentTypeError:
     return argparse.ArgumentTypeError(f"not {what}: {value!r}")
@@ -54,10 +59,10 @@ def count(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
         what += f" to {maximum}"
 
     def parse(value: str) -> int:
-        try:
-            number = int(value)
-        except ValueError:
-            raise _invalid(what, value) from None
+        digits = value.strip(" \t")
+        if _WHOLE.fullmatch(digits) is None:
+            raise _invalid(what, value)
+        number = int(digits)
         if number < minimum or (maximum is not None and number > maximum):
             raise _invalid(what, value)
         return number
@@ -74,12 +79,11 @@ def port(value: str) -> int:
 
 
 def _number(value: str) -> float:
-    """The finite number ``value`` spells, else NaN (which every bound refuses)."""
-    try:
-        number = float(value)
-    except ValueError:
+    """The decimal number ``value`` spells, else NaN (which every bound refuses)."""
+    text = value.strip(" \t")
+    if _DECIMAL.fullmatch(text) is None:
         return math.nan
-    return number if math.isfinite(number) else math.nan
+    return float(text)
 
 
 def seconds(value: str) -> float:

@@ -28,6 +28,23 @@ def test_cli_flags_override_environment_variables() -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("flag", "value", "expected"),
+    [
+        ("--max-header-count", " 250 ", 250),
+        ("--keepalive-s", "2.5", 2.5),
+        ("--keepalive-s", ".5", 0.5),
+        ("--keepalive-s", "3.", 3.0),
+        ("--drain-grace-s", "0", 0.0),
+    ],
+)
+def test_cli_numbers_as_operators_write_them(
+    flag: str, value: str, expected: float
+) -> None:
+    settings = parse_settings([*ENV, flag, value], {})
+    assert getattr(settings, flag[2:].replace("-", "_")) == expected
+
+
 def test_cli_environment_variables_alone_suffice() -> None:
     settings = parse_settings(
         [],
@@ -152,6 +169,24 @@ def test_cli_accepts_every_port(argv: list[str], port: int, admin_port: int) -> 
             ["--drain-grace-s", "inf"],
             {},
             "argument --drain-grace-s: not a number of seconds, 0 or more: 'inf'",
+        ),
+        *(
+            (
+                ["--max-header-count", value],
+                {},
+                "argument --max-header-count: not a whole number from 8 to 10000: "
+                f"{value!r}",
+            )
+            for value in ("+100", "1_000", "\u0661\u0660\u0660", "100.0", "1e2", "")
+        ),
+        *(
+            (
+                ["--keepalive-s", value],
+                {},
+                "argument --keepalive-s: not a number of seconds, more than 0: "
+                f"{value!r}",
+            )
+            for value in ("+5", "1_0", "1e3", "\u0665", "5 s")
         ),
         (
             ["--upstream-connection-limit", "-3"],
