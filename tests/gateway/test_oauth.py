@@ -64,6 +64,14 @@ def idp_a(**overrides: Any) -> IdentityProviderPolicy:
     return IdentityProviderPolicy(**fields)
 
 
+def apply_twin(idps: IdentityProviders, kid: str) -> None:
+    """Add idp-twin: idp-a's issuer, another key (``OTHER``, named ``kid``)."""
+    twin = IdentityProviderPolicy(
+        name="idp-twin", issuer=ISSUER, jwks={"keys": [jwk(OTHER, kid)]}
+    )
+    idps.apply("idp-twin", twin)
+
+
 def idp_b() -> IdentityProviderPolicy:
     return IdentityProviderPolicy(
         name="idp-b", issuer=OTHER_ISSUER, jwks={"keys": [jwk(OTHER, "b1")]}
@@ -480,10 +488,7 @@ async def test_authenticate_only_selected_idps(idps: IdentityProviders) -> None:
 async def test_authenticate_two_idps_of_one_issuer_first_named_wins(
     idps: IdentityProviders,
 ) -> None:
-    twin = IdentityProviderPolicy(
-        name="idp-twin", issuer=ISSUER, jwks={"keys": [jwk(OTHER, "t1")]}
-    )
-    idps.apply("idp-twin", twin)
+    apply_twin(idps, "t1")
     auth = OAuthAuthenticator(oauth(identity_providers=["idp-a", "idp-twin"]), idps)
     identity = await auth.authenticate(headers("Bearer " + sign(RSA)))
     assert identity.headers[2] == ("X-Auth-Identity-Provider", "idp-a")
@@ -656,10 +661,7 @@ async def test_cache_hit_not_shared_with_another_idp_of_the_same_issuer(
     # One cache serves every deployment: a token verified for idp-a is not
     # verified for a deployment that trusts idp-twin, which has that issuer
     # but other keys.
-    twin = IdentityProviderPolicy(
-        name="idp-twin", issuer=ISSUER, jwks={"keys": [jwk(OTHER, "k1")]}
-    )
-    idps.apply("idp-twin", twin)
+    apply_twin(idps, "k1")
     token = "Bearer " + sign(RSA)
     await cached(OAuthAuthenticator(oauth(), idps), idps, token)
 
