@@ -551,15 +551,17 @@ class _Connection(asyncio.Protocol):
             raise _Refusal(*_TOO_MANY_HEADERS)
         if not self._in_head:
             return  # trailers are not passed on
-        # Optional whitespace around a value is not part of it (RFC 9110 5.5).
-        # Decoded as _text does, without its call: this runs for every line.
-        value = value.strip(b" \t")
-        self._headers.append(
-            (
-                name.decode("utf-8", "surrogateescape"),
-                value.decode("utf-8", "surrogateescape"),
-            )
-        )
+        # Optional whitespace around a value is not part of it (RFC 9110 5.5);
+        # llhttp has skipped what precedes it.
+        value = value.rstrip(b" \t")
+        # Decoded as _text does, by the cheapest call that gives the same
+        # str: this runs for every line. A name is a token (llhttp refuses
+        # any other byte), so ASCII; a value is nearly always UTF-8.
+        try:
+            text = value.decode()
+        except UnicodeDecodeError:
+            text = value.decode("utf-8", "surrogateescape")
+        self._headers.append((name.decode(), text))
 
     def on_headers_complete(self) -> None:
         self._in_head = False
