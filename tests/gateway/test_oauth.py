@@ -754,11 +754,20 @@ async def test_cache_never_keeps_tokens_sent_once(idps: IdentityProviders) -> No
     assert len(idps.cache) == 0
 
 
+class _Entry:
+    """Stands in for a Verified in the cache's own tests: it holds a token."""
+
+    __slots__ = ("token",)
+
+    def __init__(self) -> None:
+        self.token = ""
+
+
 def test_cache_remembers_at_most_max_entries_tokens_seen_once() -> None:
     from gateway.oauth import TokenCache
 
     cache = TokenCache(max_entries=3)
-    verified = object()
+    verified = _Entry()
     for i in range(3):
         cache.admit(f"t{i}", verified)  # type: ignore[arg-type]
     assert len(cache) == 0 and len(cache._seen) == 3
@@ -775,7 +784,7 @@ def test_cache_bounded_in_entries() -> None:
 
     cache = TokenCache(max_entries=3)
     for i in range(5):
-        cache.put(f"t{i}", object())  # type: ignore[arg-type]
+        cache.put(f"t{i}", _Entry())  # type: ignore[arg-type]
     assert len(cache) == 3
     assert cache.get("t0") is None and cache.get("t4") is not None
 
@@ -785,8 +794,8 @@ def test_cache_evicts_oldest_first_and_keeps_its_byte_count() -> None:
 
     cache = TokenCache(max_entries=3)
     for i in range(1000):
-        cache.put(f"t{i:04d}", object())  # type: ignore[arg-type]
-    cache.put("t0998", object())  # type: ignore[arg-type]  # already in: kept
+        cache.put(f"t{i:04d}", _Entry())  # type: ignore[arg-type]
+    cache.put("t0998", _Entry())  # type: ignore[arg-type]  # already in: kept
 
     assert [cache.get(f"t{i:04d}") is not None for i in range(996, 1000)] == [
         False,
@@ -807,8 +816,81 @@ def test_cache_bounded_in_bytes() -> None:
         max_entries=100, max_bytes=3 * (1000 + TokenCache.ENTRY_OVERHEAD)
     )
     for i in range(5):
-        cache.put(str(i) * 1000, object())  # type: ignore[arg-type]
+        cache.put(str(i) * 1000, _Entry())  # type: ignore[arg-type]
     assert len(cache) == 3
+
+
+def test_cache_entry_counts_only_for_its_whole_token() -> None:
+    from gateway.oauth import TAIL, TokenCache
+
+    cache = TokenCache()
+    tail = "s" * TAIL
+    first, second = _Entry(), _Entry()
+    cache.put("a.b." + tail, first)  # type: ignore[arg-type]
+    assert cache.get("a.b." + tail) is first
+    assert cache.get("a.c." + tail) is None  # the same tail, another token
+    assert cache.get(tail) is None
+    cache.put("a.c." + tail, second)  # type: ignore[arg-type]  # not kept
+    assert cache.get("a.c." + tail) is None and second.token == ""
+    cache.discard("a.c." + tail)  # not the entry's token: nothing goes
+    assert len(cache) == 1 and cache.get("a.b." + tail) is first
+    cache.discard("a.b." + tail)
+    assert len(cache) == 0 and cache._bytes == 0
+
+
+def _forged(token: str) -> str:
+    """``token`` with its signature on another payload: sub "admin"."""
+    head, _, signature = token.split(".")
+    return ".".join([head, b64(claims(sub="admin")), signature])
+
+
+async def test_cache_hit_needs_the_whole_token(idps: IdentityProviders) -> None:
+    auth = OAuthAuthenticator(oauth(), idps)
+    token = sign(RSA)
+    await cached(auth, idps, "Bearer " + token)
+    hits = oauth_module._CACHE_HIT.count
+    for value in (
+        "Bearer " + _forged(token),  # the cached signature, another payload
+        "Bearer x" + token,  # the cached token with a character before it
+        "Bearer " + token[:-1] + ("A" if token[-1] != "A" else "B"),
+    ):
+        failure = await refused(auth, value)
+        assert (failure.status, failure.error) == (401, "invalid_token")
+    assert oauth_module._CACHE_HIT.count == hits
+    assert len(idps.cache) == 1
+
+
+async def test_cache_hit_through_the_general_rule(idps: IdentityProviders) -> None:
+    auth = OAuthAuthenticator(oauth(), idps)
+    token = sign(RSA)
+    await cached(auth, idps, "Bearer " + token)
+    for value in ("bearer " + token, "Bearer  " + token, f"Bearer {token} \t"):
+        hits = oauth_module._CACHE_HIT.count
+        identity = await auth.authenticate(headers(value))
+        assert identity.headers[0] == ("X-Auth-Subject", "client-1")
+        assert oauth_module._CACHE_HIT.count == hits + 1
+
+
+async def test_cache_hit_read_by_each_route_s_own_prefix(
+    idps: IdentityProviders,
+) -> None:
+    bearer = OAuthAuthenticator(oauth(), idps)
+    bare = OAuthAuthenticator(oauth(auth_header_prefix=""), idps)
+    other = OAuthAuthenticator(oauth(auth_header_prefix="Token"), idps)
+    token = sign(RSA)
+    await cached(bearer, idps, "Bearer " + token)
+    hits = oauth_module._CACHE_HIT.count
+    failure = await refused(bare, "Bearer " + token)  # not a token without a prefix
+    assert (failure.status, failure.error) == (401, "invalid_token")
+    failure = await refused(other, "Bearer " + token)
+    assert (failure.status, failure.error, failure.message, failure.headers) == (
+        MISSING
+    )
+    assert oauth_module._CACHE_HIT.count == hits
+    for auth, value in ((bare, token), (other, "Token " + token)):
+        identity = await auth.authenticate(headers(value))
+        assert identity.headers[0] == ("X-Auth-Subject", "client-1")
+    assert oauth_module._CACHE_HIT.count == hits + 2
 
 
 # --- property: never anything but AuthFailure 400/401/503 ----------------------
