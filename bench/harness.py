@@ -43,6 +43,7 @@ __all__ = [
     "main",
     "nginx_config",
     "parse_wrk",
+    "parser_build",
 ]
 
 HOST = "127.0.0.1"
@@ -428,6 +429,21 @@ def oauth_cost(rows: Sequence[Row]) -> list[str]:
     ]
 
 
+def parser_build(extension: Path | None = None) -> str:
+    """How the installed llhttp scans header values: SSE 4.2, or a byte at a time.
+
+    Wheels from PyPI leave SSE 4.2 out; a build from source with
+    ``CFLAGS=-msse4.2`` (README, "Building the header parser for your CPU")
+    has it, which shows as PCMPESTRI instructions in the extension.
+    """
+    if extension is None:
+        import httptools.parser.parser as parser
+
+        extension = Path(parser.__file__)
+    simd = b"\x66\x0f\x3a\x61" in extension.read_bytes()  # PCMPESTRI's opcode
+    return "llhttp with SSE 4.2" if simd else "llhttp without SSE 4.2"
+
+
 def describe_machine() -> str:
     versions = []
     for tool, flag in (("nginx", "-v"), ("haproxy", "-v"), ("wrk", "-v")):
@@ -443,8 +459,9 @@ def describe_machine() -> str:
         ),
         platform.processor(),
     )
-    return f"{cpu}, {os.cpu_count()} CPUs, Python {platform.python_version()}\n" + (
-        "\n".join(versions)
+    return (
+        f"{cpu}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
+        f"{parser_build()}\n" + "\n".join(versions)
     )
 
 

@@ -36,6 +36,7 @@ from bench.harness import (
     build_rows,
     check_rows,
     find_tool,
+    parser_build,
     prepare_ours,
     start_upstream,
     workdir,
@@ -259,7 +260,12 @@ def describe() -> str:
     done = subprocess.run(["valgrind", "--version"], capture_output=True, text=True)
     libraries = (f"{name} {metadata.version(name)}" for name in LIBRARIES)
     return ", ".join(
-        [f"Python {platform.python_version()}", *libraries, done.stdout.strip()]
+        [
+            f"Python {platform.python_version()}",
+            *libraries,
+            parser_build(),
+            done.stdout.strip(),
+        ]
     )
 
 

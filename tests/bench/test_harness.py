@@ -20,6 +20,7 @@ from bench.harness import (
     nginx_config,
     oauth_cost,
     parse_wrk,
+    parser_build,
     run_wrk,
 )
 from bench.keys import SigningKey
@@ -159,3 +160,13 @@ def test_oauth_cost_compares_d_with_none_with_and_without_the_header() -> None:
 
 def test_oauth_cost_says_nothing_without_row_d() -> None:
     assert oauth_cost([_measured("c", 40.0), _measured("c+", 44.0)]) == []
+
+
+def test_parser_build_tells_an_sse42_llhttp_by_its_pcmpestri(tmp_path: Path) -> None:
+    generic = tmp_path / "generic.so"
+    generic.write_bytes(b"\x7fELF" + bytes(range(256)) * 4)
+    simd = tmp_path / "simd.so"
+    simd.write_bytes(b"\x7fELF\x90\x66\x0f\x3a\x61\xc1\x12\x90")
+
+    assert parser_build(generic) == "llhttp without SSE 4.2"
+    assert parser_build(simd) == "llhttp with SSE 4.2"
