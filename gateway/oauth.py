@@ -308,8 +308,8 @@ class TokenCache:
     sent once never gains from an entry, and storing it would push out one
     that is reused, and cost CPU of its own (an entry's objects live long
     and are freed cold). A token reused for its lifetime pays one more
-    verification. Tokens seen once are remembered by their hash alone, at
-    most ``max_entries`` of them before that memory starts over.
+    verification. Tokens seen once are remembered by the hash of their tail
+    alone, at most ``max_entries`` of them before that memory starts over.
 
     Entries are found by the last :data:`TAIL` characters of their token,
     part of its signature, and an entry counts only for the token it holds,
@@ -358,8 +358,9 @@ class TokenCache:
         tail = token[-TAIL:]
         entries = self._entries
         if tail in entries:
-            # This token, or one that shares its tail, which then is never
-            # kept: only the signer could make one, and only its own pays.
+            # This token, or another with the same tail: that one is then
+            # verified each time it comes. Aiming at a cached tail takes
+            # knowing it, and it is as secret as its token.
             return
         verified.token = token
         entries[tail] = verified
@@ -646,22 +647,24 @@ class OAuthAuthenticator(Authenticator):
                 # The usual case, "Bearer <token>" with one space and no
                 # other whitespace around the token. A token verified before
                 # is found by its tail and compared whole, as the caller sent
-                # it: no copy of it, no pass over it but the comparison. (A
-                # verified token has no whitespace, so the value is exactly
-                # what the rule below reads.)
+                # it, prefix included: no slice and no hash of the token. (A
+                # verified token has no whitespace, so such a value reads as
+                # the rule below reads it.) A plain ==: only a caller who has
+                # the tail, as secret as the token, gets to the comparison.
                 entry = cache.by_tail(value[-TAIL:])
-                if entry is not None:
-                    if value == sent + entry.token:
-                        token = entry.token
-                    else:
-                        entry = None
-                # An empty value ends in "", which is "in" any string.
-                elif value.startswith(sent) and value[-1:] not in " \t":
-                    # Not empty: the value is longer than the prefix, which
-                    # ends in a space that the value does not end in.
-                    token = value[self._token_at :]
-                    if token[0] in " \t":
-                        token = None
+                if entry is not None and value == sent + entry.token:
+                    token = entry.token
+                else:
+                    # Not cached: the entry of this tail, if any, holds
+                    # another token.
+                    entry = None
+                    # An empty value ends in "", which is "in" any string.
+                    if value.startswith(sent) and value[-1:] not in " \t":
+                        # Not empty: the value is longer than the prefix,
+                        # which ends in a space that the value does not.
+                        token = value[self._token_at :]
+                        if token[0] in " \t":
+                            token = None
         if token is None:
             token = self._token(values)
             entry = cache.get(token)
