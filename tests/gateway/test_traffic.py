@@ -152,6 +152,10 @@ _BAD = b'{"error":"bad_request","message":"Malformed HTTP request"}'
         b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: +4\r\n\r\n",
         b"POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
         b"POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding : chunked\r\n\r\n",
+        # Else it would pass the drop of the gateway's own identity headers.
+        b"GET /x HTTP/1.1\r\nHost: a\r\nX-Auth-Subject : admin\r\n\r\n",
+        # A name is a token: the gateway reads names as ASCII.
+        b"GET /x HTTP/1.1\r\nHost: a\r\nX-N\xe9: a\r\n\r\n",
         b"GET /x HTTP/1.1\r\nHost: a\r\n folded: line\r\n\r\n",
         b"GET /x HTTP/1.1\r\nHost: a\r\nX: a\r\n  folded\r\n\r\n",
         b"GET /x HTTP/1.1\nHost: a\n\n",
@@ -170,6 +174,8 @@ _BAD = b'{"error":"bad_request","message":"Malformed HTTP request"}'
         "signed-length",
         "chunked-not-last",
         "space-before-colon",
+        "space-before-colon-identity",
+        "non-ascii-name",
         "fold-first",
         "fold-later",
         "bare-lf",
