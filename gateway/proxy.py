@@ -166,10 +166,8 @@ class Proxy:
             request.send_error(400, "bad_request", str(exc))
             return
 
-        route = None
-        if target is not None:
-            route = self._table.routes.get((target.project, target.agent))
-        if route is None or target is None:
+        route = self._table.routes.get((target.project, target.agent))
+        if route is None:
             UNROUTED.answered(404)
             request.send_error(404, "not_found", "No agent is deployed here")
             return

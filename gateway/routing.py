@@ -11,7 +11,6 @@ gateway authorize one agent while the upstream sees another path.
 
 from __future__ import annotations
 
-import re
 import string
 
 __all__ = [
@@ -26,7 +25,6 @@ __all__ = [
 
 _UNRESERVED = frozenset(string.ascii_letters + string.digits + "-._~")
 _HEX = frozenset(string.hexdigits)
-_NAME = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\Z")
 
 
 class InvalidTarget(ValueError):
@@ -97,26 +95,27 @@ def normalize_path(path: str) -> str:
     """The path routing decides on and the gateway forwards."""
     if not path.startswith("/"):
         raise InvalidTarget("the request target must be an absolute path")
-    if any(c in path for c in "\x00\r\n#"):
+    # Four scans at C speed; a generator over the characters cost more than
+    # the rest of the routing.
+    if "#" in path or "\x00" in path or "\r" in path or "\n" in path:
         raise InvalidTarget("the request target holds a forbidden character")
 
     return remove_dot_segments(decode_unreserved(path))
 
 
-def split_target(raw_target: str) -> Target | None:
-    """Split a raw request target into its agent and upstream path.
+def split_target(raw_target: str) -> Target:
+    """Split a raw request target into the agent it names and its upstream path.
 
-    Returns None when the path does not start with a project and an agent
-    name; raises InvalidTarget for a malformed target.
+    The project and the agent are the normalized path's first two segments,
+    whatever they hold (empty ones included): only names the control plane
+    accepted are ever deployed, so any other finds no agent. Raises
+    InvalidTarget for a malformed target.
     """
     path, _, query = raw_target.partition("?")
     path = normalize_path(path)
 
     project, _, tail = path[1:].partition("/")
     agent, slash, rest = tail.partition("/")
-    if _NAME.match(project) is None or _NAME.match(agent) is None:
-        return None
-
     return Target(project, agent, slash + rest, query)
 
 

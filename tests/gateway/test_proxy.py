@@ -95,6 +95,10 @@ async def test_proxy_forwards_dot_segment_free_path(
         "/p/a%2E%2E/chat",
         "/x/%2e%2e%2fp/a/chat",
         "//p/a/chat",
+        "/P/a/chat",
+        "/p/a%20/chat",
+        "/p",
+        "/",
     ],
 )
 async def test_proxy_unknown_agent_is_404(

@@ -63,7 +63,7 @@ def test_normalize_path_rejects_non_origin_forms(raw: str) -> None:
         normalize_path(raw)
 
 
-# (raw target, (project, agent, rest, query) or None for "no agent")
+# (raw target, (project, agent, rest, query), or None: not agent a of project p)
 ROUTES: list[tuple[str, tuple[str, str, str, str] | None]] = [
     ("/p/a", ("p", "a", "", "")),
     ("/p/a/", ("p", "a", "/", "")),
@@ -102,15 +102,26 @@ def test_split_target_routes_on_normalized_path(
 ) -> None:
     target = split_target(raw)
     if expected is None:
-        assert target is None or (target.project, target.agent) != ("p", "a")
-        if target is not None:
-            # Whatever it selects, it is what the normalized path names.
-            path = normalize_path(raw.partition("?")[0])
-            assert path.startswith(f"/{target.project}/{target.agent}")
+        assert (target.project, target.agent) != ("p", "a")
+        # Whatever it selects, it is what the normalized path names.
+        path = normalize_path(raw.partition("?")[0])
+        rebuilt = f"/{target.project}/{target.agent}{target.rest}"
+        assert rebuilt.rstrip("/") == path.rstrip("/")
         return
 
     assert target is not None
     assert (target.project, target.agent, target.rest, target.query) == expected
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [("/", ("", "", "")), ("/p", ("p", "", "")), ("//a/x", ("", "a", "/x"))],
+)
+def test_split_target_missing_names_are_empty(
+    raw: str, expected: tuple[str, str, str]
+) -> None:
+    target = split_target(raw)
+    assert (target.project, target.agent, target.rest) == expected
 
 
 def test_split_target_dot_segments_select_the_agent_they_name() -> None:
