@@ -9,8 +9,11 @@ the streaming itself. Nothing here logs per request.
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
 from collections.abc import Iterable
+
+from multidict import istr
 
 from gateway.auth import AuthFailure, Identity
 from gateway.headers import HOP_BY_HOP
@@ -31,8 +34,15 @@ _VERSIONS = ("1.0", "1.1")
 
 # Control characters, which llhttp lets through in a reason phrase only.
 _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+# Phrases known clean without a search: what nearly every agent sends.
+_STANDARD_REASONS = frozenset({b"OK", b"Created", b"Accepted", b"No Content"})
 
 _HOP_BY_HOP = frozenset(name.encode() for name in HOP_BY_HOP)
+
+# Header names as istr: a lookup skips lower-casing the name each request.
+_CONNECTION = istr("Connection")
+_FORWARDED_FOR = istr("X-Forwarded-For")
+_EXPECT = istr("Expect")
 
 
 def _listed(values: Iterable[str]) -> frozenset[str]:
@@ -51,31 +61,49 @@ def relay_head(upstream: UpstreamResponse) -> tuple[bytes, bytes, bool, bool]:
     caller as it was sent.
     """
     headers = upstream.headers
-    drop = _HOP_BY_HOP
-    listed = [v for n, v in headers if n.lower() == b"connection"]
-    if listed:
-        names = _listed(v.decode("latin-1") for v in listed)
-        if not names <= HOP_BY_HOP:  # most say keep-alive or close, nothing more
-            drop = drop | {name.encode("latin-1") for name in names}
+    lines, length_known, has_date, connection = _relayed(headers, _HOP_BY_HOP)
+    if connection:
+        # Most agents say keep-alive or close; others name more to remove.
+        extra = _named_by_connection(b",".join(connection))
+        if extra:
+            lines, length_known, has_date, _ = _relayed(headers, _HOP_BY_HOP | extra)
 
-    lines = []
+    reason = upstream.reason
+    # A reason phrase with control characters would break the head; the
+    # standard phrase of the status replaces it.
+    if reason not in _STANDARD_REASONS and (
+        not reason or _CONTROL.search(reason) is not None
+    ):
+        reason = reason_phrase(upstream.status)
+    return reason, lines, length_known, has_date
+
+
+def _relayed(
+    headers: Iterable[tuple[bytes, bytes]], drop: frozenset[bytes]
+) -> tuple[bytes, bool, bool, list[bytes]]:
+    """The lines that pass ``drop``; Content-Length and Date seen; Connection values."""
+    lines: list[bytes] = []
+    connection: list[bytes] = []
     length_known = has_date = False
     for name, value in headers:
         lower = name.lower()
         if lower in drop:
+            if lower == b"connection":
+                connection.append(value)
             continue
         if lower == b"content-length":
             length_known = True
         elif lower == b"date":
             has_date = True
-        lines.append(b"%b: %b\r\n" % (name, value))
+        lines += (name, b": ", value, b"\r\n")  # one copy, in the join
+    return b"".join(lines), length_known, has_date, connection
 
-    reason = upstream.reason
-    # A reason phrase with control characters would break the head; the
-    # standard phrase of the status replaces it.
-    if not reason or _CONTROL.search(reason) is not None:
-        reason = reason_phrase(upstream.status)
-    return reason, b"".join(lines), length_known, has_date
+
+@functools.lru_cache(maxsize=64)
+def _named_by_connection(values: bytes) -> frozenset[bytes]:
+    """Header names a response's Connection values add to the hop-by-hop ones."""
+    names = _listed([values.decode("latin-1")])
+    return frozenset(name.encode("latin-1") for name in names - HOP_BY_HOP)
 
 
 def request_head(
@@ -92,8 +120,8 @@ def request_head(
 
     headers = request.headers
     drop = route.drop
-    if "Connection" in headers:
-        drop = drop | _listed(headers.getall("Connection"))
+    if _CONNECTION in headers:
+        drop = drop | _listed(headers.getall(_CONNECTION))
     for name, value in headers.items():
         lower = name.lower()
         # Some agent servers read "_" as "-": X_Auth_Subject must not pass
@@ -105,7 +133,7 @@ def request_head(
     lines.append(identity.lines)
 
     peer = request.remote
-    prior = headers.getall("X-Forwarded-For", ())
+    prior = headers.getall(_FORWARDED_FOR, ())
     forwarded_for = ", ".join((*prior, peer)) if prior else peer
     lines.append(
         f"X-Forwarded-For: {forwarded_for}\r\nX-Forwarded-Proto: {request.scheme}\r\n"
@@ -129,7 +157,7 @@ def _framing(request: TrafficRequest) -> str:
 
 
 def _expects_continue(request: TrafficRequest) -> bool:
-    expect = request.headers.get("Expect")
+    expect = request.headers.get(_EXPECT)
     return expect is not None and expect.lower() == "100-continue"
 
 

@@ -26,7 +26,7 @@ from typing import cast
 
 import httptools
 import msgspec
-from multidict import CIMultiDict
+from multidict import CIMultiDict, istr
 
 from gateway.log import access_log, gateway_log
 from gateway.upstream import NO_BODY_STATUS
@@ -857,10 +857,16 @@ def _text(raw: bytes) -> str:
     return raw.decode("utf-8", "surrogateescape")
 
 
+# Header names as istr: a lookup skips lower-casing the name each request.
+_HOST = istr("Host")
+_TRANSFER_ENCODING = istr("Transfer-Encoding")
+_CONTENT_LENGTH = istr("Content-Length")
+
+
 def _frame_body(request: TrafficRequest, conn: _Connection) -> None:
     """Host, and the body the head announces (llhttp checked its framing)."""
     headers = request.headers
-    hosts = headers.getall("Host", ())
+    hosts = headers.getall(_HOST, ())
     if len(hosts) > 1 or (not hosts and request.version == "1.1"):
         # RFC 9112 section 3.2: exactly one Host in an HTTP/1.1 request.
         request.refusal = _Refusal(*_MALFORMED)
@@ -869,7 +875,7 @@ def _frame_body(request: TrafficRequest, conn: _Connection) -> None:
     if hosts:
         request.host = hosts[0]
 
-    codings = headers.getall("Transfer-Encoding", ())
+    codings = headers.getall(_TRANSFER_ENCODING, ())
     if codings:
         # HTTP/1.0 has no chunked coding: RFC 9112 section 6.1 calls such a
         # framing faulty, as a server in front may well have read it
@@ -887,7 +893,7 @@ def _frame_body(request: TrafficRequest, conn: _Connection) -> None:
             return
         request.body = RequestBody(conn)
         return
-    length = headers.get("Content-Length")
+    length = headers.get(_CONTENT_LENGTH)
     if length is not None:
         request.content_length = int(length)
         if request.content_length > 0:

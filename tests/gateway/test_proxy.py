@@ -450,8 +450,26 @@ def _dated(answer: bytes) -> bytes:
             b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n"
             b"Date: NOW\r\nConnection: close\r\n\r\n",
         ),
+        (
+            b"HTTP/1.1 200 OK\r\nX-Early: 1\r\nConnection: X-EARLY, keep-alive\r\n"
+            b"Connection:  x-late \r\nX-Late: 2\r\nX-Kept: 3\r\n"
+            b"Content-Length: 2\r\n\r\nok",
+            b"HTTP/1.1 200 OK\r\nX-Kept: 3\r\nContent-Length: 2\r\n"
+            b"Date: NOW\r\nConnection: close\r\n\r\nok",
+        ),
+        (
+            b"HTTP/1.1 404 \r\nContent-Length: 0\r\n\r\n",
+            b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n"
+            b"Date: NOW\r\nConnection: close\r\n\r\n",
+        ),
     ],
-    ids=["latin-1-value", "agent-date-and-server", "control-in-reason"],
+    ids=[
+        "latin-1-value",
+        "agent-date-and-server",
+        "control-in-reason",
+        "connection-names-more",
+        "no-reason",
+    ],
 )
 async def test_proxy_response_head_is_the_agents_byte_for_byte(
     raw_gateway: GatewayProcess,
