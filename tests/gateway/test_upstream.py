@@ -568,6 +568,46 @@ async def test_upstream_idle_connection_expires(
     await pool.close()
 
 
+async def test_upstream_idle_connections_expire_each_in_its_own_time(
+    serve: Callable[..., Awaitable[Upstream]],
+) -> None:
+    ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    upstream = await serve(in_turn(ok, ok))
+    pool = UpstreamPool(idle_timeout=1.0)
+
+    async def one() -> bytes:
+        return await body_of(await get(pool, upstream))
+
+    # Two connections go idle together; one is reused half-way.
+    assert await asyncio.gather(one(), one()) == [b"ok", b"ok"]
+    await asyncio.sleep(0.5)
+    assert await one() == b"reused"
+
+    await until(lambda: upstream.closed == 1)  # the one left idle, at 1 s
+    assert await one() == b"reused"  # the other one: idle for 0.5 s only
+    assert len(upstream.peers) == 2
+    await until(lambda: upstream.closed == 2)
+    await pool.close()
+
+
+async def test_upstream_connection_idle_too_long_is_not_reused(
+    serve: Callable[..., Awaitable[Upstream]],
+) -> None:
+    ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    upstream = await serve(in_turn(ok, ok))
+    pool = UpstreamPool(idle_timeout=30.0)
+
+    assert await body_of(await get(pool, upstream)) == b"ok"
+    (idle,) = pool._idle[upstream.origin.key]
+    idle.idle_since -= 31  # as if its expiry were due and had not run yet
+
+    assert await body_of(await get(pool, upstream)) == b"ok"  # a new connection
+    assert len(upstream.peers) == 2
+    await until(lambda: upstream.closed == 1)
+    assert idle.closed
+    await pool.close()
+
+
 # -- failures ---------------------------------------------------------------------
 
 
