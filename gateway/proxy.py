@@ -211,15 +211,8 @@ class Proxy:
             )
             return
 
-        await self._forward(request, route, target, identity)
-
-    async def _forward(
-        self,
-        request: TrafficRequest,
-        route: Route,
-        target: Target,
-        identity: Identity,
-    ) -> None:
+        # Forwarded here, not in a coroutine of its own: each layer of
+        # coroutines costs every request some 1,100 instructions.
         if identity.lines is None:
             route.metrics.answered(502)
             request.send_error(
@@ -269,10 +262,12 @@ async def _relay(
     """
     reason, lines, length_known, has_date = relay_head(upstream)
     try:
-        data = await upstream.read(silence_s) if upstream.readable else b""
+        # Read at once, without a coroutine, what is in already: a short
+        # answer's body and its end usually come with its head.
+        data = upstream.read_ready() if upstream.readable else b""
         last = upstream.ended
         if last and data:
-            await upstream.read(silence_s)  # the end: the connection is released
+            upstream.read_ready()  # the end: the connection is released
         request.send_head(
             upstream.status,
             reason,
@@ -288,7 +283,7 @@ async def _relay(
             if not data:
                 break
             if last:
-                await upstream.read(silence_s)
+                upstream.read_ready()
                 break
             await request.send_body(data)
         if not request.finished:

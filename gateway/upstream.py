@@ -420,19 +420,24 @@ class UpstreamResponse:
         """
         conn = self._conn
         while True:
-            if conn.chunks:
-                return conn.take()
-            if conn.error is not None:
-                self.close()
-                raise conn.error
-            if conn.done:
-                self._finish()
-                return b""
+            if conn.chunks or conn.done or conn.error is not None:
+                return self.read_ready()
             try:
                 await conn.wait(silence_s)
             except BaseException:
                 self.close()
                 raise
+
+    def read_ready(self) -> bytes:
+        """What :meth:`read` answers when :attr:`readable`, without a coroutine."""
+        conn = self._conn
+        if conn.chunks:
+            return conn.take()
+        if conn.error is not None:
+            self.close()
+            raise conn.error
+        self._finish()  # done
+        return b""
 
     def _finish(self) -> None:
         conn = self._conn
@@ -485,18 +490,32 @@ class UpstreamPool:
             # Once: asyncio.get_running_loop() costs a getpid() system call.
             loop = self._loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
-        conn = await self._acquire(origin, deadline, fresh=False)
-        try:
-            return await self._exchange(conn, head, body, length, head_only, deadline)
-        except _DeadConnection:
-            if conn.body_started:
-                raise
-        # The agent closed an idle connection as it was reused; nothing of
-        # the body was consumed, so the request can go again, once.
-        conn = await self._acquire(origin, deadline, fresh=True)
-        return await self._exchange(conn, head, body, length, head_only, deadline)
+        fresh = False
+        while True:
+            # An idle connection without the coroutine of _acquire, and the
+            # exchange in this coroutine: each layer costs every request.
+            conn = None if fresh else self._take_idle(origin.key)
+            if conn is None:
+                conn = await self._acquire(origin, deadline, fresh=fresh)
+            fut, deadline_handle = self._begin(
+                conn, head, body, length, head_only, deadline
+            )
+            try:
+                response = await fut
+            except BaseException as exc:
+                deadline_handle.cancel()
+                self._discard(conn)  # and the body's sender with it
+                if fresh or not isinstance(exc, _DeadConnection) or conn.body_started:
+                    raise
+                # The agent closed an idle connection as it was reused;
+                # nothing of the body was consumed, so the request can go
+                # again, once.
+                fresh = True
+                continue
+            deadline_handle.cancel()
+            return response
 
-    async def _exchange(
+    def _begin(
         self,
         conn: _Connection,
         head: bytes,
@@ -504,27 +523,17 @@ class UpstreamPool:
         length: int | None,
         head_only: bool,
         deadline: float,
-    ) -> UpstreamResponse:
+    ) -> tuple[asyncio.Future[UpstreamResponse], asyncio.TimerHandle]:
+        """Send the head and start the body: the response head, and its deadline."""
         loop = conn.loop
         fut = conn.begin(head, head_only)
-        sender = None
         if body is not None:
             conn.body_done = False
             sender = loop.create_task(_send_body(conn, body, length))
             sender.add_done_callback(lambda task: _sent(conn, task))
             conn.sender = sender
         # call_later: uvloop's call_at is call_later with more steps.
-        handle = loop.call_later(deadline - loop.time(), _expire, fut)
-        try:
-            response = await fut
-        except BaseException:
-            handle.cancel()
-            if sender is not None:
-                sender.cancel()
-            self._discard(conn)
-            raise
-        handle.cancel()
-        return response
+        return fut, loop.call_later(deadline - loop.time(), _expire, fut)
 
     async def _acquire(
         self, origin: Origin, deadline: float, *, fresh: bool
