@@ -53,6 +53,21 @@ class Backoff:
         return delay * random.uniform(0.5, 1.0)
 
 
+async def _cancelled(tasks: list[asyncio.Task[None]]) -> None:
+    """Cancel the tasks until each has ended.
+
+    Once is not always enough: in Python 3.11 a cancel that meets an
+    ``asyncio.timeout`` expiring in the same moment can come out as its
+    TimeoutError, which the loops here take for a failed attempt and go on
+    from. A worker then never finished draining.
+    """
+    pending = set(tasks)
+    while pending:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=0.5)
+
+
 class PolicySync:
     """Loads, follows and applies one environment's policies for one worker."""
 
@@ -80,9 +95,7 @@ class PolicySync:
 
     async def stop(self) -> None:
         """Stop following and tell the store this worker is gone."""
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await _cancelled(self._tasks)
 
         with contextlib.suppress(StoreError, TimeoutError):
             async with asyncio.timeout(2.0):

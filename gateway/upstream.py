@@ -561,7 +561,7 @@ class UpstreamPool:
         idle = self._idle.get(key)
         while idle:
             conn = idle.pop()  # the one released last
-            if conn.loop.time() - conn.idle_since >= self._idle_timeout:
+            if conn.idle_since + self._idle_timeout <= conn.loop.time():
                 # Idle too long, and those released before it longer.
                 for stale in (*idle, conn):
                     self._discard(stale)
@@ -638,7 +638,7 @@ class UpstreamPool:
             expired = 0
             while (
                 expired < len(idle)
-                and now - idle[expired].idle_since >= self._idle_timeout
+                and idle[expired].idle_since + self._idle_timeout <= now
             ):
                 expired += 1
             for conn in idle[:expired]:
@@ -647,7 +647,10 @@ class UpstreamPool:
             if idle:
                 next_due = min(next_due, idle[0].idle_since + self._idle_timeout)
         if next_due < math.inf:
-            self._sweeper = loop.call_later(next_due - now, self._sweep)
+            # At least the loop's 1 ms tick: a shorter delay runs at once,
+            # and the sweep would spin until the clock moved.
+            delay = max(next_due - now, 0.001)
+            self._sweeper = loop.call_later(delay, self._sweep)
 
     def _discard(self, conn: _Connection) -> None:
         conn.head = None
@@ -655,12 +658,19 @@ class UpstreamPool:
         if sender is not None and not sender.done():
             sender.cancel()
         conn.close()
+        # Gone from the count now, not when the transport reports its loss:
+        # at the limit, _acquire would otherwise close every idle
+        # connection to make room for one.
+        self._forget(conn)
 
-    def _lost(self, conn: _Connection) -> None:
+    def _forget(self, conn: _Connection) -> None:
         if conn in self._all:
             self._all.discard(conn)
             self._open -= 1
             self._wake_one()
+
+    def _lost(self, conn: _Connection) -> None:
+        self._forget(conn)
         idle = self._idle.get(conn.key)
         if idle is not None and conn in idle:
             idle.remove(conn)

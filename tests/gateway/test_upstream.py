@@ -20,6 +20,8 @@ from gateway.upstream import (
 )
 from tests.fixtures.stack import free_port
 
+UVLOOP = True  # the loop the gateway runs on (see tests/conftest.py)
+
 Handler = Callable[["Peer"], Awaitable[None]]
 
 GET = b"GET /x HTTP/1.1\r\nHost: agent\r\n\r\n"
@@ -557,6 +559,24 @@ async def test_upstream_connection_limit_queues_requests(
     await pool.close()
 
 
+async def test_upstream_at_the_limit_one_idle_connection_makes_room(
+    serve: Callable[..., Awaitable[Upstream]],
+) -> None:
+    ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    agents = [await serve(in_turn(ok)) for _ in range(4)]
+    pool = UpstreamPool(connection_limit=3)
+    for agent in agents[:3]:
+        assert await body_of(await get(pool, agent)) == b"ok"
+
+    assert await body_of(await get(pool, agents[3])) == b"ok"
+
+    await until(lambda: agents[0].closed == 1)  # the oldest idle one
+    await asyncio.sleep(0.05)
+    assert [agent.closed for agent in agents] == [1, 0, 0, 0]
+    assert [len(pool._idle[agent.origin.key]) for agent in agents] == [0, 1, 1, 1]
+    await pool.close()
+
+
 async def test_upstream_idle_connection_expires(
     serve: Callable[..., Awaitable[Upstream]],
 ) -> None:
@@ -587,6 +607,36 @@ async def test_upstream_idle_connections_expire_each_in_its_own_time(
     assert await one() == b"reused"  # the other one: idle for 0.5 s only
     assert len(upstream.peers) == 2
     await until(lambda: upstream.closed == 2)
+    await pool.close()
+
+
+async def test_upstream_sweep_never_runs_again_before_the_clock_moves(
+    serve: Callable[..., Awaitable[Upstream]],
+) -> None:
+    upstream = await serve(in_turn(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"))
+    pool = UpstreamPool(idle_timeout=30.0)
+    assert await body_of(await get(pool, upstream)) == b"ok"
+    assert pool._sweeper is not None
+    pool._sweeper.cancel()  # the sweep set at the release; this test runs its own
+    sweeps = 0
+    sweep = pool._sweep
+
+    def counted() -> None:
+        nonlocal sweeps
+        sweeps += 1
+        sweep()
+
+    pool._sweep = counted  # type: ignore[method-assign]
+    (idle,) = pool._idle[upstream.origin.key]
+    # Due within the loop's millisecond: sooner than any timer can be set.
+    idle.idle_since = asyncio.get_running_loop().time() - 30.0 + 0.0003
+
+    counted()
+    for _ in range(50):
+        await asyncio.sleep(0)
+    # Set again for a moment the loop's millisecond clock can tell: a delay
+    # that rounds to nothing would run it on each of those 50 turns.
+    assert sweeps <= 2
     await pool.close()
 
 
