@@ -6,11 +6,14 @@ import asyncio
 import os
 import signal
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import aiohttp
 import pytest
 
+from gateway.policies import PolicyTable
 from gateway.store import Store, open_store
+from gateway.sync import PolicySync
 from tests.fixtures.stack import (
     AgentProcess,
     GatewayFactory,
@@ -167,3 +170,27 @@ async def test_sync_supervisor_restarts_a_dead_worker(
             return
         await asyncio.sleep(0.025)
     raise AssertionError("no worker came back")
+
+
+async def test_sync_stop_ends_a_task_whose_cancel_was_lost(tmp_path: Path) -> None:
+    store = open_store(str(tmp_path / "store"))
+    sync = PolicySync(store, "test", PolicyTable(None))
+    lost = 0
+
+    async def swallows_one_cancel() -> None:
+        nonlocal lost
+        while True:
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                # As a cancel turned into the TimeoutError of an expiring
+                # asyncio.timeout would be: the loop goes on.
+                if lost:
+                    raise
+                lost += 1
+
+    task = asyncio.create_task(swallows_one_cancel())
+    sync._tasks = [task]
+    await asyncio.wait_for(sync.stop(), 5)
+    assert lost == 1 and task.cancelled()
+    await store.close()
