@@ -10,6 +10,7 @@ agents pays only for what changed.
 from __future__ import annotations
 
 import importlib
+import re
 from collections.abc import Mapping
 from typing import Any, Protocol
 
@@ -90,6 +91,10 @@ class Route:
         self.metrics = RouteMetrics.of(policy.project, policy.agent)
 
 
+# A project or agent name, as the control plane accepts it.
+_NAME = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+
+
 class PolicyTable:
     """Routes by (project, agent), live API keys, and the identity providers."""
 
@@ -137,6 +142,12 @@ class PolicyTable:
     def _apply_agent(self, name: str, policy: object) -> None:
         project, _, agent = name.partition("/")
         if not isinstance(policy, AgentPolicy):
+            self.routes.pop((project, agent), None)
+            return
+        if _NAME.fullmatch(project) is None or _NAME.fullmatch(agent) is None:
+            # The control plane writes no such key; served, it could answer
+            # paths the routing of requests never checks names for.
+            policy_log.error("policy agent/%s is not a project/agent name", name)
             self.routes.pop((project, agent), None)
             return
         self.routes[(project, agent)] = Route(policy, self._authenticator(policy))

@@ -64,6 +64,13 @@ def test_policy_table_snapshot_diff_keeps_unchanged_routes() -> None:
     assert table.routes == {("p", "a"): kept}
 
 
+@pytest.mark.parametrize("name", ["P/a", "p/", "/a", "p/a/b", "p/a b", "p/-a"])
+def test_policy_table_agent_key_of_no_name_is_not_served(name: str) -> None:
+    table = PolicyTable(None)
+    table.apply(1, {"agent/" + name: _agent("a")})
+    assert table.routes == {}
+
+
 def test_policy_table_malformed_policy_is_absent() -> None:
     table = PolicyTable(None)
     table.apply(1, {agent_key("p", "a"): _agent("a")})
