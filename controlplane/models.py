@@ -8,14 +8,13 @@ end, which name the field they reject.
 
 from __future__ import annotations
 
-import re
 from typing import Annotated, Any, Literal, get_args
 
 import msgspec
 from yarl import URL
 
 from controlplane.errors import ValidationFailed
-from gateway.policy import ApiKeySettings, OAuthSettings
+from gateway.policy import NAME, ApiKeySettings, OAuthSettings
 
 __all__ = [
     "ALGORITHMS",
@@ -46,7 +45,6 @@ __all__ = [
 #: Names of environments, identity providers, projects, agents and keys. The
 #: negative look-ahead stops ``$`` from accepting a trailing newline.
 NAME_PATTERN = r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?!\n)$"
-_NAME = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 
 Name = Annotated[str, msgspec.Meta(pattern=NAME_PATTERN, max_length=63)]
 Url = Annotated[str, msgspec.Meta(min_length=1, max_length=2048)]
@@ -220,7 +218,7 @@ class GatewaysView(msgspec.Struct, kw_only=True):
 
 def check_name(value: str, field: str, location: str = "path") -> str:
     """Return ``value`` if it is a valid resource name, else reject ``field``."""
-    if _NAME.fullmatch(value) is None:
+    if NAME.fullmatch(value) is None:
         raise ValidationFailed(
             field,
             "must be 1-63 characters of a-z, 0-9 and '-', starting and "

@@ -13,6 +13,8 @@ import re
 from collections.abc import Callable, Mapping
 from typing import TypeVar
 
+from gateway.policy import NAME
+
 __all__ = [
     "LOG_LEVELS",
     "boolean",
@@ -30,8 +32,6 @@ T = TypeVar("T")
 
 #: The levels --log-level accepts, in any case.
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-
-_NAME = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 
 # Numbers as an operator writes them: int() and float() also take "1_000",
 # "+5", "1e3" and digits of other scripts, which no one means in a setting.
@@ -112,7 +112,7 @@ def log_level(value: str) -> str:
 
 def environment_name(value: str) -> str:
     """A name as the control plane accepts one (1-63 of a-z, 0-9 and -)."""
-    if _NAME.fullmatch(value) is None:
+    if NAME.fullmatch(value) is None:
         what = "a name (1 to 63 of a-z, 0-9 and -, a letter or digit at each end)"
         raise _invalid(what, value)
     return value

@@ -10,7 +10,6 @@ agents pays only for what changed.
 from __future__ import annotations
 
 import importlib
-import re
 from collections.abc import Mapping
 from typing import Any, Protocol
 
@@ -24,6 +23,7 @@ from gateway.headers import REQUEST_DROP
 from gateway.log import policy_log
 from gateway.metrics import RouteMetrics
 from gateway.policy import (
+    NAME,
     AgentPolicy,
     ApiKeyPolicy,
     ApiKeySettings,
@@ -91,10 +91,6 @@ class Route:
         self.metrics = RouteMetrics.of(policy.project, policy.agent)
 
 
-# A project or agent name, as the control plane accepts it.
-_NAME = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
-
-
 class PolicyTable:
     """Routes by (project, agent), live API keys, and the identity providers."""
 
@@ -144,7 +140,7 @@ class PolicyTable:
         if not isinstance(policy, AgentPolicy):
             self.routes.pop((project, agent), None)
             return
-        if _NAME.fullmatch(project) is None or _NAME.fullmatch(agent) is None:
+        if NAME.fullmatch(project) is None or NAME.fullmatch(agent) is None:
             # The control plane writes no such key; served, it could answer
             # paths the routing of requests never checks names for.
             policy_log.error("policy agent/%s is not a project/agent name", name)

@@ -16,6 +16,7 @@ reading anything else.
 from __future__ import annotations
 
 import hashlib
+import re
 from typing import Literal
 
 import msgspec
@@ -25,6 +26,7 @@ __all__ = [
     "ApiKeyPolicy",
     "ApiKeySettings",
     "EndpointAuth",
+    "NAME",
     "IdentityProviderPolicy",
     "OAuthSettings",
     "agent_key",
@@ -34,6 +36,10 @@ __all__ = [
     "hash_api_key",
     "idp_key",
 ]
+
+#: A name of an environment, identity provider, project, agent or key, for
+#: ``fullmatch``: lower-case letters, digits and inner hyphens, 1 to 63.
+NAME = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 
 AuthType = Literal["oauth", "api_key", "none"]
 

@@ -538,10 +538,10 @@ class UpstreamPool:
     async def _acquire(
         self, origin: Origin, deadline: float, *, fresh: bool
     ) -> _Connection:
-        if not fresh:
-            conn = self._take_idle(origin.key)
-            if conn is not None:
-                return conn
+        """A new connection, or one freed while waiting at the limit.
+
+        request() has looked for an idle one already.
+        """
         try:
             async with asyncio.timeout_at(deadline):
                 while self._limit and self._open >= self._limit:

@@ -132,6 +132,7 @@ def answering(*answers: bytes) -> Handler:
     return handler
 
 
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 REUSED = b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nreused"
 
 
@@ -314,7 +315,7 @@ async def test_upstream_trailers_never_reach_the_response_headers(
     assert len(upstream.peers) == 1
 
 
-OK_2 = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+OK_2 = OK
 STRAY = [
     b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nSet-Cookie: x=1\r\n\r\n",
     b"HTTP/1.1 200 OK\r\nX: 1\r\n",
@@ -411,9 +412,8 @@ async def test_upstream_endless_header_line_fails_without_waiting_for_timeout(
 async def test_upstream_head_response_has_no_body_and_connection_is_reused(
     pool: UpstreamPool, serve: Callable[..., Awaitable[Upstream]]
 ) -> None:
-    ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
     head = b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n"
-    upstream = await serve(answering(head, ok))
+    upstream = await serve(answering(head, OK))
 
     response = await get(pool, upstream, HEAD)
     assert response.status == 200
@@ -437,8 +437,7 @@ async def test_upstream_no_body_statuses_end_at_headers(
     answer: bytes,
     status: int,
 ) -> None:
-    ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
-    upstream = await serve(answering(answer, ok))
+    upstream = await serve(answering(answer, OK))
 
     response = await get(pool, upstream)
     assert response.status == status
@@ -474,7 +473,7 @@ async def test_upstream_keep_alive_serves_many_requests_on_one_connection(
     async def handler(peer: Peer) -> None:
         while head := await peer.head():
             seen.append(head)
-            await peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await peer.send(OK)
 
     upstream = await serve(handler)
     for _ in range(5):
@@ -489,7 +488,7 @@ async def test_upstream_pooled_connection_closed_while_idle_is_replaced(
 ) -> None:
     async def handler(peer: Peer) -> None:
         await peer.head()
-        await peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await peer.send(OK)
 
     upstream = await serve(handler)
     assert await body_of(await get(pool, upstream)) == b"ok"
@@ -506,7 +505,7 @@ async def test_upstream_pooled_connection_dead_on_reuse_is_retried_once(
         # Answers one request, then drops the connection as the next arrives:
         # what an agent closing an idle connection looks like to the reuser.
         await peer.head()
-        await peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await peer.send(OK)
         await peer.head()
 
     upstream = await serve(handler)
@@ -520,7 +519,7 @@ async def test_upstream_dead_connection_not_retried_once_body_was_sent(
 ) -> None:
     async def handler(peer: Peer) -> None:
         await peer.head()
-        await peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await peer.send(OK)
         await peer.head()
         await peer.reader.readexactly(4)
 
@@ -546,7 +545,7 @@ async def test_upstream_connection_limit_queues_requests(
 ) -> None:
     async def handler(peer: Peer) -> None:
         while await peer.head():
-            await peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await peer.send(OK)
 
     upstream = await serve(handler)
     pool = UpstreamPool(connection_limit=1)
@@ -562,8 +561,7 @@ async def test_upstream_connection_limit_queues_requests(
 async def test_upstream_at_the_limit_one_idle_connection_makes_room(
     serve: Callable[..., Awaitable[Upstream]],
 ) -> None:
-    ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
-    agents = [await serve(in_turn(ok)) for _ in range(4)]
+    agents = [await serve(in_turn(OK)) for _ in range(4)]
     pool = UpstreamPool(connection_limit=3)
     for agent in agents[:3]:
         assert await body_of(await get(pool, agent)) == b"ok"
@@ -580,7 +578,7 @@ async def test_upstream_at_the_limit_one_idle_connection_makes_room(
 async def test_upstream_idle_connection_expires(
     serve: Callable[..., Awaitable[Upstream]],
 ) -> None:
-    upstream = await serve(answering(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"))
+    upstream = await serve(answering(OK))
     pool = UpstreamPool(idle_timeout=0.05)
 
     assert await body_of(await get(pool, upstream)) == b"ok"
@@ -591,8 +589,7 @@ async def test_upstream_idle_connection_expires(
 async def test_upstream_idle_connections_expire_each_in_its_own_time(
     serve: Callable[..., Awaitable[Upstream]],
 ) -> None:
-    ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
-    upstream = await serve(in_turn(ok, ok))
+    upstream = await serve(in_turn(OK, OK))
     pool = UpstreamPool(idle_timeout=1.0)
 
     async def one() -> bytes:
@@ -613,7 +610,7 @@ async def test_upstream_idle_connections_expire_each_in_its_own_time(
 async def test_upstream_sweep_never_runs_again_before_the_clock_moves(
     serve: Callable[..., Awaitable[Upstream]],
 ) -> None:
-    upstream = await serve(in_turn(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"))
+    upstream = await serve(in_turn(OK))
     pool = UpstreamPool(idle_timeout=30.0)
     assert await body_of(await get(pool, upstream)) == b"ok"
     assert pool._sweeper is not None
@@ -643,8 +640,7 @@ async def test_upstream_sweep_never_runs_again_before_the_clock_moves(
 async def test_upstream_connection_idle_too_long_is_not_reused(
     serve: Callable[..., Awaitable[Upstream]],
 ) -> None:
-    ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
-    upstream = await serve(in_turn(ok, ok))
+    upstream = await serve(in_turn(OK, OK))
     pool = UpstreamPool(idle_timeout=30.0)
 
     assert await body_of(await get(pool, upstream)) == b"ok"
@@ -882,9 +878,9 @@ async def test_upstream_request_body_is_framed_as_announced(
     async def handler(peer: Peer) -> None:
         await peer.head()
         received.set_result(await peer.reader.readexactly(len(wire)))
-        await peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await peer.send(OK)
         while await peer.head():
-            await peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await peer.send(OK)
 
     upstream = await serve(handler)
     parts = [b"hello", b"there", b""]
