@@ -14,6 +14,7 @@ from msgspec.structs import FieldInfo
 
 from gateway import flags
 from gateway.traffic import KEEPALIVE_S, MAX_HEADER_COUNT, SEND_TIMEOUT_S
+from gateway.upstream import IDLE_TIMEOUT_S
 
 __all__ = ["GatewaySettings", "main", "parse_settings"]
 
@@ -37,6 +38,7 @@ class GatewaySettings(msgspec.Struct, frozen=True, kw_only=True):
     log_level: str = "INFO"
     access_log: bool = False
     upstream_connection_limit: int = 0
+    upstream_idle_timeout_s: float = IDLE_TIMEOUT_S
 
 
 #: The range of --max-header-size: a JWT must fit, and so must the parser's limits.
@@ -64,6 +66,7 @@ _TYPES: dict[str, Callable[[str], object]] = {
     "log_level": flags.log_level,
     "access_log": flags.boolean,
     "upstream_connection_limit": flags.count(0),
+    "upstream_idle_timeout_s": flags.positive_seconds,
 }
 
 _HELP = {
@@ -83,6 +86,7 @@ _HELP = {
     "log_level": "DEBUG, INFO, WARNING or ERROR",
     "access_log": "log one line per request",
     "upstream_connection_limit": "pooled upstream connections per worker, 0: no cap",
+    "upstream_idle_timeout_s": "seconds a pooled upstream connection may stay idle",
 }
 
 

@@ -22,6 +22,7 @@ from gateway.policies import PolicyTable, Route
 from gateway.routing import InvalidTarget, Target, split_target, upstream_path
 from gateway.traffic import TrafficRequest, reason_phrase
 from gateway.upstream import (
+    IDLE_TIMEOUT_S,
     UpstreamError,
     UpstreamPool,
     UpstreamResponse,
@@ -166,9 +167,17 @@ class Proxy:
 
     _loop: asyncio.AbstractEventLoop  # set by start()
 
-    def __init__(self, table: PolicyTable, *, connection_limit: int = 0) -> None:
+    def __init__(
+        self,
+        table: PolicyTable,
+        *,
+        connection_limit: int = 0,
+        idle_timeout_s: float = IDLE_TIMEOUT_S,
+    ) -> None:
         self._table = table
-        self._pool = UpstreamPool(connection_limit=connection_limit)
+        self._pool = UpstreamPool(
+            connection_limit=connection_limit, idle_timeout=idle_timeout_s
+        )
 
     async def start(self) -> None:
         """Take the loop; connections are opened as requests need them."""

@@ -21,6 +21,7 @@ from typing import Any, cast
 import httptools
 
 __all__ = [
+    "IDLE_TIMEOUT_S",
     "NO_BODY_STATUS",
     "MAX_HEAD_SIZE",
     "BodyReader",
@@ -37,6 +38,13 @@ BodyReader = Callable[[], Awaitable[bytes]]
 # Response bytes buffered for a slow caller before the agent's socket is
 # paused; it is resumed as soon as the caller has taken them.
 _HIGH_WATER = 256 * 1024
+
+#: How long a pooled connection may stay idle before the pool closes it. An
+#: agent that closes an idle connection first races the next request sent on
+#: it: a request whose body was already sent is not sent again (it may not be
+#: idempotent), and its caller gets a 502. So the default is under the 5 s
+#: keep-alive of uvicorn, hypercorn and Node.js servers.
+IDLE_TIMEOUT_S = 4.0
 
 #: Final statuses whose responses have no body, whatever their headers say.
 NO_BODY_STATUS = frozenset({204, 304})
@@ -457,7 +465,9 @@ class UpstreamResponse:
 class UpstreamPool:
     """Keep-alive connections of one worker, by (scheme, host, port)."""
 
-    def __init__(self, *, connection_limit: int = 0, idle_timeout: float = 30.0):
+    def __init__(
+        self, *, connection_limit: int = 0, idle_timeout: float = IDLE_TIMEOUT_S
+    ):
         self._limit = connection_limit
         self._idle_timeout = idle_timeout
         self._idle: dict[tuple[str, str, int], list[_Connection]] = {}

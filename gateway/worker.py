@@ -71,7 +71,11 @@ async def serve(settings: GatewaySettings, on_ready: Callable[[], None]) -> None
     store = open_store(settings.store)
     loaded = asyncio.Event()
     sync = PolicySync(store, settings.environment, table, loaded.set)
-    proxy = Proxy(table, connection_limit=settings.upstream_connection_limit)
+    proxy = Proxy(
+        table,
+        connection_limit=settings.upstream_connection_limit,
+        idle_timeout_s=settings.upstream_idle_timeout_s,
+    )
     await proxy.start()
     sync.start()
     flusher = asyncio.create_task(_flush_metrics())

@@ -36,6 +36,7 @@ def test_cli_flags_override_environment_variables() -> None:
         ("--keepalive-s", ".5", 0.5),
         ("--keepalive-s", "3.", 3.0),
         ("--drain-grace-s", "0", 0.0),
+        ("--upstream-idle-timeout-s", "0.25", 0.25),
     ],
 )
 def test_cli_numbers_as_operators_write_them(
@@ -57,6 +58,7 @@ def test_cli_environment_variables_alone_suffice() -> None:
             "AGW_SEND_TIMEOUT_S": "0.5",
             "AGW_DRAIN_GRACE_S": "2.5",
             "AGW_LOG_LEVEL": "debug",
+            "AGW_UPSTREAM_IDLE_TIMEOUT_S": "1.5",
         },
     )
     assert settings.store == "redis://127.0.0.1:6379/0"
@@ -66,6 +68,7 @@ def test_cli_environment_variables_alone_suffice() -> None:
     assert (settings.keepalive_s, settings.send_timeout_s) == (5.0, 0.5)
     assert settings.drain_grace_s == 2.5
     assert settings.log_level == "DEBUG"
+    assert settings.upstream_idle_timeout_s == 1.5
 
 
 @pytest.mark.parametrize(
@@ -193,6 +196,15 @@ def test_cli_accepts_every_port(argv: list[str], port: int, admin_port: int) -> 
             {},
             "argument --upstream-connection-limit: not a whole number from 0: '-3'",
         ),
+        *(
+            (
+                ["--upstream-idle-timeout-s", value],
+                {},
+                "argument --upstream-idle-timeout-s: not a number of seconds, "
+                f"more than 0: {value!r}",
+            )
+            for value in ("0", "-1", "inf", "nan", "4s")
+        ),
         (
             ["--log-level", "foo"],
             {},
@@ -248,7 +260,7 @@ def test_cli_bad_variable_prints_the_whole_usage_line(
         "python -m gateway: error: AGW_WORKERS: not a whole number from 1: 'x'",
     ]
     assert " ".join(usage).endswith(
-        "[--upstream-connection-limit UPSTREAM_CONNECTION_LIMIT]"
+        "[--upstream-idle-timeout-s UPSTREAM_IDLE_TIMEOUT_S]"
     )
 
 

@@ -375,6 +375,7 @@ class _RawAgent:
         self.received = bytearray()
         self.server: asyncio.Server | None = None
         self.writers: list[asyncio.StreamWriter] = []
+        self.closed_by_gateway = 0
 
     async def start(self) -> str:
         self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
@@ -390,6 +391,7 @@ class _RawAgent:
             # The end of a head may be split across reads.
             if b"\r\n\r\n" in self.received[-len(data) - 3 :]:
                 writer.write(self.answer)
+        self.closed_by_gateway += 1
         writer.close()
 
     async def close(self) -> None:
@@ -514,6 +516,34 @@ async def raw_gateway(
     """A gateway with agent p/raw deployed on the raw agent."""
     await commit_agent(redis_store, environment, "p", "raw", await raw_agent.start())
     return await gateway_factory(store=redis_url, environment=environment)
+
+
+async def test_proxy_closes_agent_connections_idle_for_the_configured_time(
+    gateway_factory: GatewayFactory,
+    redis_url: str,
+    redis_store: Store,
+    environment: str,
+    raw_agent: _RawAgent,
+) -> None:
+    # Before the agent's own keep-alive would: a connection the agent closes
+    # as the gateway reuses it would cost a request with a body its answer.
+    await commit_agent(redis_store, environment, "p", "raw", await raw_agent.start())
+    gateway = await gateway_factory(
+        store=redis_url,
+        environment=environment,
+        extra_env={"AGW_UPSTREAM_IDLE_TIMEOUT_S": "0.2"},
+    )
+    request = b"GET /p/raw/x HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n"
+
+    assert _status(await _exchange(gateway.port, request)) == b"200 OK"
+    for _ in range(200):  # 2 s: half the default idle timeout
+        if raw_agent.closed_by_gateway:
+            break
+        await asyncio.sleep(0.01)
+    assert (len(raw_agent.writers), raw_agent.closed_by_gateway) == (1, 1)
+
+    assert _status(await _exchange(gateway.port, request)) == b"200 OK"
+    assert len(raw_agent.writers) == 2  # a new connection
 
 
 def _status(answer: bytes) -> bytes:
