@@ -54,6 +54,9 @@ NO_BODY_STATUS = frozenset({204, 304})
 # an endless header line would grow the worker's memory until the timeout.
 MAX_HEAD_SIZE = 64 * 1024
 
+# The deadline of a connection that awaits nothing from its agent.
+_NEVER = math.inf
+
 
 class UpstreamError(Exception):
     """The agent could not be reached, or broke the exchange."""
@@ -96,6 +99,7 @@ class _Connection(asyncio.Protocol):
         "buffered",
         "chunks",
         "closed",
+        "deadline",
         "done",
         "error",
         "framed",
@@ -127,6 +131,9 @@ class _Connection(asyncio.Protocol):
         self.parser = httptools.HttpResponseParser(self)
         self.closed = False
         self.idle_since = 0.0  # loop time it last went back to the pool
+        # Loop time by which the agent must have sent something: its response
+        # head, or more body while a read waits. The pool's alarm enforces it.
+        self.deadline = _NEVER
         self.reused = False
         self.sender: asyncio.Task[None] | None = None
         self._write_paused = False
@@ -333,12 +340,19 @@ class _Connection(asyncio.Protocol):
         """Until more body, the end, or an error; silence is a timeout."""
         waiter: asyncio.Future[None] = self.loop.create_future()
         self.waiter = waiter
-        handle = self.loop.call_later(silence_s, _expire, waiter)
+        self.pool._watch(self, self.loop.time() + silence_s)
         try:
             await waiter
         finally:
-            handle.cancel()
+            self.deadline = _NEVER
             self.waiter = None
+
+    def expire(self) -> None:
+        """The deadline has passed: what is awaited fails with a timeout."""
+        self.deadline = _NEVER
+        awaited = self.waiter if self.waiter is not None else self.head
+        if awaited is not None:
+            _expire(awaited)
 
     async def drain(self) -> None:
         if self.closed:
@@ -477,6 +491,11 @@ class UpstreamPool:
         self._ssl: ssl.SSLContext | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sweeper: asyncio.TimerHandle | None = None
+        # One timer for every deadline of the pool's connections, due at the
+        # earliest of them or before: a timer started and cancelled for each
+        # request cost some 4,000 instructions (see _ring).
+        self._alarm: asyncio.TimerHandle | None = None
+        self._alarm_at = _NEVER
 
     async def request(
         self,
@@ -507,13 +526,11 @@ class UpstreamPool:
             conn = None if fresh else self._take_idle(origin.key)
             if conn is None:
                 conn = await self._acquire(origin, deadline, fresh=fresh)
-            fut, deadline_handle = self._begin(
-                conn, head, body, length, head_only, deadline
-            )
+            fut = self._begin(conn, head, body, length, head_only, deadline)
             try:
                 response = await fut
             except BaseException as exc:
-                deadline_handle.cancel()
+                conn.deadline = _NEVER
                 self._discard(conn)  # and the body's sender with it
                 if fresh or not isinstance(exc, _DeadConnection) or conn.body_started:
                     raise
@@ -522,7 +539,7 @@ class UpstreamPool:
                 # again, once.
                 fresh = True
                 continue
-            deadline_handle.cancel()
+            conn.deadline = _NEVER
             return response
 
     def _begin(
@@ -533,17 +550,52 @@ class UpstreamPool:
         length: int | None,
         head_only: bool,
         deadline: float,
-    ) -> tuple[asyncio.Future[UpstreamResponse], asyncio.TimerHandle]:
-        """Send the head and start the body: the response head, and its deadline."""
-        loop = conn.loop
+    ) -> asyncio.Future[UpstreamResponse]:
+        """Send the head and start the body: the response head, by the deadline."""
         fut = conn.begin(head, head_only)
         if body is not None:
             conn.body_done = False
-            sender = loop.create_task(_send_body(conn, body, length))
+            sender = conn.loop.create_task(_send_body(conn, body, length))
             sender.add_done_callback(lambda task: _sent(conn, task))
             conn.sender = sender
-        # call_later: uvloop's call_at is call_later with more steps.
-        return fut, loop.call_later(deadline - loop.time(), _expire, fut)
+        self._watch(conn, deadline)
+        return fut
+
+    def _watch(self, conn: _Connection, deadline: float) -> None:
+        """Hold ``conn`` to ``deadline``; the alarm is moved only to be earlier."""
+        conn.deadline = deadline
+        if deadline < self._alarm_at:
+            self._arm(conn.loop, deadline)
+
+    def _arm(self, loop: asyncio.AbstractEventLoop, at: float) -> None:
+        if self._alarm is not None:
+            self._alarm.cancel()
+        self._alarm_at = at
+        # At least the loop's 1 ms tick, as for the sweep; call_later, as
+        # uvloop's call_at is call_later with more steps.
+        self._alarm = loop.call_later(max(at - loop.time(), 0.001), self._ring)
+
+    def _ring(self) -> None:
+        """Fail what is past its deadline; set the alarm for the next one.
+
+        Requests of one route share a timeout, so a later request has a
+        later deadline: the alarm rarely moves, and rings about once per
+        timeout while the pool is busy, each time looking at every
+        connection. Their number is the worker's concurrency, not its rate.
+        """
+        self._alarm = None
+        self._alarm_at = _NEVER
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        next_at = _NEVER
+        for conn in tuple(self._all):
+            deadline = conn.deadline
+            if deadline <= now:
+                conn.expire()
+            elif deadline < next_at:
+                next_at = deadline
+        if next_at < _NEVER:
+            self._arm(loop, next_at)
 
     async def _acquire(
         self, origin: Origin, deadline: float, *, fresh: bool
@@ -694,9 +746,11 @@ class UpstreamPool:
 
     async def close(self) -> None:
         """Close every connection, idle or busy."""
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            self._sweeper = None
+        for timer in (self._sweeper, self._alarm):
+            if timer is not None:
+                timer.cancel()
+        self._sweeper = self._alarm = None
+        self._alarm_at = _NEVER
         for conn in list(self._all):
             conn.close()
         self._idle.clear()

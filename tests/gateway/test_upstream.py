@@ -717,6 +717,57 @@ async def test_upstream_stream_silent_between_chunks_is_cut(
     await until(lambda: upstream.closed == 1)
 
 
+async def test_upstream_earlier_deadline_moves_the_alarm_and_later_one_keeps(
+    pool: UpstreamPool, serve: Callable[..., Awaitable[Upstream]]
+) -> None:
+    async def silent(peer: Peer) -> None:
+        await peer.head()
+        await peer.head()
+
+    upstream = await serve(silent)
+    slow = asyncio.ensure_future(get(pool, upstream, timeout_s=1.0))
+    await until(lambda: len(upstream.peers) == 1)
+    # Due before the alarm set for the first request: without moving the
+    # alarm it would wait for that one, 5 s here.
+    with pytest.raises(UpstreamTimeout):
+        await asyncio.wait_for(get(pool, upstream, timeout_s=0.1), 5)
+
+    # The alarm that rang for the second request left the first alone.
+    assert not slow.done()
+    with pytest.raises(UpstreamTimeout):
+        await asyncio.wait_for(slow, 5)
+
+
+async def test_upstream_stale_alarm_never_cuts_a_stream_still_in_time(
+    pool: UpstreamPool, serve: Callable[..., Awaitable[Upstream]]
+) -> None:
+    async def late_body(peer: Peer) -> None:
+        await peer.head()
+        await peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n")
+        await asyncio.sleep(0.4)
+        await peer.send(b"hello")
+        await peer.head()
+
+    upstream = await serve(late_body)
+    # The alarm set for this head rings at 0.1 s, while the body may take 5.
+    response = await get(pool, upstream, timeout_s=0.1)
+
+    assert await body_of(response) == b"hello"
+
+
+async def test_upstream_requests_of_one_timeout_share_one_timer(
+    pool: UpstreamPool, serve: Callable[..., Awaitable[Upstream]]
+) -> None:
+    upstream = await serve(answering(OK))
+    await body_of(await get(pool, upstream, timeout_s=60))
+    alarm = pool._alarm
+
+    for _ in range(5):
+        assert await body_of(await get(pool, upstream, timeout_s=60)) == b"ok"
+
+    assert alarm is not None and pool._alarm is alarm
+
+
 async def test_upstream_closing_mid_body_is_an_error_never_a_short_body(
     pool: UpstreamPool, serve: Callable[..., Awaitable[Upstream]]
 ) -> None:
