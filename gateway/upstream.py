@@ -12,6 +12,7 @@ only if not one byte came after that response.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import math
 import ssl
 from collections import deque
@@ -130,7 +131,9 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.closed = False
-        self.idle_since = 0.0  # loop time it last went back to the pool
+        # Loop time its last response ended: the agent's keep-alive clock
+        # starts then, however late the caller reads the end.
+        self.idle_since = 0.0
         # Loop time by which the agent must have sent something: its response
         # head, or more body while a read waits. The pool's alarm enforces it.
         self.deadline = _NEVER
@@ -277,6 +280,7 @@ class _Connection(asyncio.Protocol):
             self.framed = True
         if self.head_only:
             self.done = True
+            self.idle_since = self.loop.time()
             self.keep_alive = self.parser.should_keep_alive()
             self.stale_parser = True
         assert self.head is not None
@@ -300,6 +304,7 @@ class _Connection(asyncio.Protocol):
         if self.response is None or self.done:
             return
         self.done = True
+        self.idle_since = self.loop.time()
         self.keep_alive = self.framed and self.parser.should_keep_alive()
         self._wake()
 
@@ -397,6 +402,10 @@ def _framed(headers: list[tuple[bytes, bytes]]) -> bool:
                 raise UpstreamError("transfer coding other than chunked")
             return True
     return False
+
+
+def _idle_since(conn: _Connection) -> float:
+    return conn.idle_since
 
 
 def _expire(waiter: asyncio.Future[Any]) -> None:
@@ -622,9 +631,9 @@ class UpstreamPool:
     def _take_idle(self, key: tuple[str, str, int]) -> _Connection | None:
         idle = self._idle.get(key)
         while idle:
-            conn = idle.pop()  # the one released last
+            conn = idle.pop()  # the one idle for the shortest time
             if conn.idle_since + self._idle_timeout <= conn.loop.time():
-                # Idle too long, and those released before it longer.
+                # Idle too long, and the others longer.
                 for stale in (*idle, conn):
                     self._discard(stale)
                 idle.clear()
@@ -682,9 +691,15 @@ class UpstreamPool:
         conn.sender = None
         # A time, not a timer: a timer started and cancelled for every
         # request cost some 4,000 instructions. One timer for the pool
-        # closes what stays idle (_sweep).
-        conn.idle_since = conn.loop.time()
-        self._idle.setdefault(conn.key, []).append(conn)
+        # closes what stays idle (_sweep), and _take_idle what it finds
+        # stale. Both rely on each list being in the order of idle_since: a
+        # response read late by a slow caller ended before others released
+        # earlier.
+        idle = self._idle.setdefault(conn.key, [])
+        if idle and idle[-1].idle_since > conn.idle_since:
+            bisect.insort(idle, conn, key=_idle_since)
+        else:
+            idle.append(conn)
         if self._sweeper is None:
             self._sweeper = conn.loop.call_later(self._idle_timeout, self._sweep)
         self._wake_one()
@@ -696,7 +711,7 @@ class UpstreamPool:
         now = loop.time()
         next_due = math.inf
         for idle in self._idle.values():
-            # Each list is in the order of release: the oldest first.
+            # Each list is in the order of idle_since: the oldest first.
             expired = 0
             while (
                 expired < len(idle)

@@ -514,6 +514,68 @@ async def test_upstream_pooled_connection_dead_on_reuse_is_retried_once(
     assert len(upstream.peers) == 2
 
 
+async def test_upstream_idle_time_counts_from_the_response_end_not_its_late_read(
+    serve: Callable[..., Awaitable[Upstream]],
+) -> None:
+    keep_alive = 0.5  # the agent's, over the pool's idle timeout as advised
+
+    async def handler(peer: Peer) -> None:
+        loop = asyncio.get_running_loop()
+        answered = None
+        while head := await peer.head():
+            if answered is not None and loop.time() - answered > keep_alive:
+                # Its keep-alive ran out as the request came: closed
+                # unanswered, as an agent's close racing a reuse looks.
+                return
+            if b"Content-Length: 2" in head:
+                await peer.reader.readexactly(2)
+            await peer.send(OK)
+            answered = loop.time()
+
+    upstream = await serve(handler)
+    pool = UpstreamPool(idle_timeout=0.4)
+    response = await get(pool, upstream)
+    # A slow caller: the response is complete at the agent and in the
+    # pool's buffer, but its end is read, and the connection released, late.
+    await asyncio.sleep(0.3)
+    assert await body_of(response) == b"ok"
+    await asyncio.sleep(0.3)  # idle 0.6 s for the agent, 0.3 s since released
+    parts = [b"hi", b""]
+
+    async def read() -> bytes:
+        return parts.pop(0)
+
+    post = b"POST /x HTTP/1.1\r\nHost: agent\r\nContent-Length: 2\r\n\r\n"
+    try:
+        response = await pool.request(
+            upstream.origin, post, read, length=2, head_only=False, timeout_s=5
+        )
+        assert await body_of(response) == b"ok"
+    finally:
+        await pool.close()
+    assert len(upstream.peers) == 2  # a new connection, not the stale one
+
+
+async def test_upstream_idle_connections_kept_in_the_order_their_responses_ended(
+    serve: Callable[..., Awaitable[Upstream]],
+) -> None:
+    upstream = await serve(in_turn(OK, OK))
+    pool = UpstreamPool(idle_timeout=0.4)
+    early = await get(pool, upstream)  # ended now, read last
+    await asyncio.sleep(0.3)
+    assert await body_of(await get(pool, upstream)) == b"ok"
+    assert await body_of(early) == b"ok"
+    await asyncio.sleep(0.2)  # past the first one's idle timeout only
+
+    try:
+        # The connection idle for the shortest time is reused: the stale
+        # one, released last, did not hide it.
+        assert await body_of(await get(pool, upstream)) == b"reused"
+    finally:
+        await pool.close()
+    assert len(upstream.peers) == 2
+
+
 async def test_upstream_dead_connection_not_retried_once_body_was_sent(
     pool: UpstreamPool, serve: Callable[..., Awaitable[Upstream]]
 ) -> None:
