@@ -750,14 +750,16 @@ async def test_upstream_malformed_response_is_an_error(
     assert type(caught.value) is UpstreamError
 
 
+async def silent(peer: Peer) -> None:
+    """Reads a request and never answers it."""
+    await peer.head()
+    await peer.head()
+
+
 async def test_upstream_silent_before_headers_times_out(
     pool: UpstreamPool, serve: Callable[..., Awaitable[Upstream]]
 ) -> None:
-    async def handler(peer: Peer) -> None:
-        await peer.head()
-        await peer.head()
-
-    upstream = await serve(handler)
+    upstream = await serve(silent)
     with pytest.raises(UpstreamTimeout):
         await get(pool, upstream, timeout_s=0.2)
     await until(lambda: upstream.closed == 1)
@@ -782,10 +784,6 @@ async def test_upstream_stream_silent_between_chunks_is_cut(
 async def test_upstream_earlier_deadline_moves_the_alarm_and_later_one_keeps(
     pool: UpstreamPool, serve: Callable[..., Awaitable[Upstream]]
 ) -> None:
-    async def silent(peer: Peer) -> None:
-        await peer.head()
-        await peer.head()
-
     upstream = await serve(silent)
     slow = asyncio.ensure_future(get(pool, upstream, timeout_s=1.0))
     await until(lambda: len(upstream.peers) == 1)
