@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import math
+import operator
 import ssl
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -57,6 +58,9 @@ MAX_HEAD_SIZE = 64 * 1024
 
 # The deadline of a connection that awaits nothing from its agent.
 _NEVER = math.inf
+
+# The order of a pool's idle lists.
+_IDLE_SINCE = operator.attrgetter("idle_since")
 
 
 class UpstreamError(Exception):
@@ -404,10 +408,6 @@ def _framed(headers: list[tuple[bytes, bytes]]) -> bool:
     return False
 
 
-def _idle_since(conn: _Connection) -> float:
-    return conn.idle_since
-
-
 def _expire(waiter: asyncio.Future[Any]) -> None:
     if not waiter.done():
         waiter.set_exception(UpstreamTimeout("the agent was silent too long"))
@@ -697,7 +697,7 @@ class UpstreamPool:
         # earlier.
         idle = self._idle.setdefault(conn.key, [])
         if idle and idle[-1].idle_since > conn.idle_since:
-            bisect.insort(idle, conn, key=_idle_since)
+            bisect.insort(idle, conn, key=_IDLE_SINCE)
         else:
             idle.append(conn)
         if self._sweeper is None:
